@@ -1,0 +1,81 @@
+"""Every config field with its default and meaning; experiment files change only what differs.
+
+Defaults reproduce the official optimisation settings (SPEC 4) on the embedded synthetic world
+with a tiny ViT, so `python main.py --config configs/base.py` runs on a laptop CPU.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    cfg = ml_collections.ConfigDict()
+    cfg.seed = 0  # params, bank, drop-path and data order all derive from it
+
+    # ---- model (SPEC 1.1, 1.3) ----
+    cfg.model = ml_collections.ConfigDict()
+    cfg.model.variant = "tiny"  # "B/16" (the paper's ViT-B/16) | "tiny" | "micro" (tests)
+    cfg.model.drop_path_rate = 0.1  # stochastic depth, linspace(0, rate, depth) per block
+    cfg.model.pos_grid = (8, 8)  # grid of the stored position table (32x32 for ViT-B/16 at 512)
+    cfg.model.pos_resize_rule = "shape"  # "shape" (resize whenever the grid differs) | "token_count" (SPEC D1, faithful)
+    cfg.model.attention = "custom_vjp"  # "custom_vjp" (fast on CPU) | "xla" | "cudnn" (GPU)
+    cfg.model.pretrained = ""  # AugReg .npz to initialise the ViT from; "" = random init
+    cfg.model.dtype = "float32"  # compute dtype; params stay float32
+
+    # ---- data (SPEC 3, 4, 5) ----
+    cfg.data = ml_collections.ConfigDict()
+    cfg.data.dir = ""  # where the ArrayRecord sources live; "" = <workdir>/data (synthetic is generated there)
+    cfg.data.sources = ("syn_weak", "syn_seg", "syn_single")  # training sources, in "rank % n" order
+    cfg.data.ratio = (3, 3, 2)  # virtual devices per source within each repeat of the pattern
+    cfg.data.num_groups = 8  # virtual devices per step (the paper's 8 GPUs); each holds one source
+    cfg.data.images_per_group = 2  # B, images per virtual device (samples_per_gpu)
+    cfg.data.crop_sizes = (64, 64, 48)  # training crop per source (512 / 320 in the paper)
+    cfg.data.scale_ranges = ((0.5, 2.0), (0.5, 2.0), (0.5, 2.0))  # random rescale ratio range per source
+    cfg.data.cat_max_ratio = 0.75  # RandomCrop re-draw rule (SPEC 4 step 3)
+    cfg.data.photometric = True  # mmseg PhotoMetricDistortion
+    cfg.data.num_workers = 0  # grain worker processes (0 = in-process)
+    cfg.data.prefetch = 2  # host batches prepared ahead of the device
+    cfg.data.eval_source = "syn_eval"  # evaluation set (full masks over base + novel)
+
+    # Synthetic world knobs (larvseg_jax/data/synthetic.py documents each).
+    cfg.data.synthetic = ml_collections.ConfigDict()
+    cfg.data.synthetic.seed = 0
+    cfg.data.synthetic.image_size = 64
+    cfg.data.synthetic.num_seg = 512  # pixel-labelled images over the base classes
+    cfg.data.synthetic.num_weak = 512  # multi-label images (labels only)
+    cfg.data.synthetic.num_single = 512  # single-label images (ImageNet-like)
+    cfg.data.synthetic.num_eval = 64  # fully labelled evaluation images over base + novel
+    cfg.data.synthetic.confound = 1.0  # P(novel "boat" sits on "water") in weak/single data
+
+    # ---- losses (SPEC 2) ----
+    cfg.loss = ml_collections.ConfigDict()
+    cfg.loss.basic_weights = (0.2, 1.0, 0.2)  # per source: weight of seg CE or image-level CE (λcls)
+    cfg.loss.seg_normalize = "all_pixels"  # "all_pixels" (faithful, SPEC B10) | "valid_pixels"
+    cfg.loss.downsample_rate = 2  # loss grid = input / 2 (SPEC 2.1)
+
+    # ---- optimiser (SPEC 4) ----
+    cfg.optim = ml_collections.ConfigDict()
+    cfg.optim.lr = 1e-3  # SGD base learning rate
+    cfg.optim.end_lr = 1e-5  # poly schedule floor
+    cfg.optim.power = 0.9  # poly exponent
+    cfg.optim.momentum = 0.9  # PyTorch-style heavy ball
+    cfg.optim.weight_decay = 0.0
+
+    # ---- loop ----
+    cfg.train = ml_collections.ConfigDict()
+    cfg.train.total_steps = 300  # 320_000 in the paper
+    cfg.train.log_every_steps = 25  # progress line + TensorBoard scalars
+    cfg.train.checkpoint_every_steps = 100
+    cfg.train.eval_every_steps = 300  # also evaluates at the end
+    cfg.train.max_checkpoints = 2
+
+    # ---- evaluation (SPEC 7) ----
+    cfg.eval = ml_collections.ConfigDict()
+    cfg.eval.step = -1  # checkpoint step for --mode eval; -1 = latest
+    cfg.eval.mode = "slide"  # "slide" | "whole"
+    cfg.eval.short_side = 64  # test resize: short side (512 in the paper)
+    cfg.eval.crop_size = 64  # sliding window (512)
+    cfg.eval.stride = 64  # sliding stride (512)
+    cfg.eval.max_images = -1  # -1 = the whole split
+    cfg.eval.num_panels = 4  # input | GT | prediction panels written to TensorBoard
+    return cfg
