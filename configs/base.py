@@ -17,20 +17,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.model.variant = "tiny"  # "B/16" (the paper's ViT-B/16) | "tiny" | "micro" (tests)
     cfg.model.drop_path_rate = 0.1  # stochastic depth, linspace(0, rate, depth) per block
     cfg.model.pos_grid = (8, 8)  # grid of the stored position table (32x32 for ViT-B/16 at 512)
-    cfg.model.pos_resize_rule = "shape"  # "shape" (resize whenever the grid differs) | "token_count" (SPEC D1, faithful)
+    cfg.model.pos_resize_rule = (
+        "shape"  # "shape" (resize whenever the grid differs) | "token_count" (SPEC D1, faithful)
+    )
     cfg.model.attention = "custom_vjp"  # "custom_vjp" (fast on CPU) | "xla" | "cudnn" (GPU)
     cfg.model.pretrained = ""  # AugReg .npz to initialise the ViT from; "" = random init
     cfg.model.dtype = "float32"  # compute dtype; params stay float32
 
     # ---- data (SPEC 3, 4, 5) ----
     cfg.data = ml_collections.ConfigDict()
-    cfg.data.dir = ""  # where the ArrayRecord sources live; "" = <workdir>/data (synthetic is generated there)
-    cfg.data.sources = ("syn_weak", "syn_seg", "syn_single")  # training sources, in "rank % n" order
+    cfg.data.dir = (
+        ""  # where the ArrayRecord sources live; "" = <workdir>/data (synthetic is generated there)
+    )
+    cfg.data.sources = (
+        "syn_weak",
+        "syn_seg",
+        "syn_single",
+    )  # training sources, in "rank % n" order
     cfg.data.ratio = (3, 3, 2)  # virtual devices per source within each repeat of the pattern
     cfg.data.num_groups = 8  # virtual devices per step (the paper's 8 GPUs); each holds one source
     cfg.data.images_per_group = 2  # B, images per virtual device (samples_per_gpu)
     cfg.data.crop_sizes = (64, 64, 48)  # training crop per source (512 / 320 in the paper)
-    cfg.data.scale_ranges = ((0.5, 2.0), (0.5, 2.0), (0.5, 2.0))  # random rescale ratio range per source
+    cfg.data.scale_ranges = (
+        (0.5, 2.0),
+        (0.5, 2.0),
+        (0.5, 2.0),
+    )  # random rescale ratio range per source
     cfg.data.cat_max_ratio = 0.75  # RandomCrop re-draw rule (SPEC 4 step 3)
     cfg.data.photometric = True  # mmseg PhotoMetricDistortion
     cfg.data.num_workers = 0  # grain worker processes (0 = in-process)
@@ -49,7 +61,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ---- losses (SPEC 2) ----
     cfg.loss = ml_collections.ConfigDict()
-    cfg.loss.basic_weights = (0.2, 1.0, 0.2)  # per source: weight of seg CE or image-level CE (λcls)
+    cfg.loss.basic_weights = (
+        0.2,
+        1.0,
+        0.2,
+    )  # per source: weight of seg CE or image-level CE (λcls)
     cfg.loss.seg_normalize = "all_pixels"  # "all_pixels" (faithful, SPEC B10) | "valid_pixels"
     cfg.loss.downsample_rate = 2  # loss grid = input / 2 (SPEC 2.1)
 

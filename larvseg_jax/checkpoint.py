@@ -1,0 +1,72 @@
+"""Orbax checkpoints of the whole train state plus the data-iterator position and the config.
+
+Resume order (written once, as big_vision does): latest checkpoint in the workdir > pretrained
+weights named by the config > random init. Restores always go through an abstract target that
+carries the current mesh's shardings, so a checkpoint written on 8 devices restores on 1.
+"""
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Saves (state, data iterator, metadata) under <workdir>/checkpoints/<step>/."""
+
+    def __init__(self, directory: str, *, max_to_keep: int, save_every_steps: int):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            save_interval_steps=save_every_steps,
+            enable_async_checkpointing=True,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_iter: Any = None,
+        meta: dict | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Starts an async save if the step is due (or `force`); returns whether it saved."""
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
+        if data_iter is not None:
+            items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
+        """Restores the state onto `abstract_state`'s shardings; moves `data_iter` in place."""
+        if step not in self._manager.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; available: {self.all_steps()}"
+            )
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `abstract` (from jax.eval_shape) carrying `shardings`."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+    )

@@ -1,0 +1,124 @@
+"""Turns a config into the plain objects the trainer needs: vocabularies, model, step settings.
+
+Modules never read the config; this is the one place that does (besides the loop's own fields).
+"""
+
+import dataclasses
+import os
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from larvseg_jax import groups, vocab
+from larvseg_jax.data import sources as data_sources
+from larvseg_jax.models import segmenter, vit
+
+SUPERVISED_KINDS = ("seg",)
+IMAGE_LEVEL_KINDS = ("weak", "single")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """Static description of one training source, as the train step needs it."""
+
+    name: str
+    kind: str  # "seg" (pixel labels) | "weak" (multi-label) | "single" (one label per image)
+    cls_index: tuple[int, ...]  # rows of the union table, in the source's label-id order
+    basic_weight: float  # weight of its seg CE or image-level CE (λcls)
+    crop: int  # training crop size
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """Static options of the train step (hashable, bound with functools.partial)."""
+
+    sources: tuple[SourceSpec, ...]
+    group_source_ids: tuple[int, ...]  # [G] index into `sources` per group
+    images_per_group: int
+    seg_normalize: str
+    downsample_rate: int
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_source_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocabulary:
+    union: tuple[str, ...]
+    eval_names: tuple[str, ...]
+    eval_index: np.ndarray  # [N_eval] rows of the union table
+    base: tuple[str, ...]
+    novel: tuple[str, ...]
+
+
+def data_dir(cfg: ml_collections.ConfigDict, workdir: str) -> str:
+    return cfg.data.dir or os.path.join(workdir, "data")
+
+
+def _per_source(cfg: ml_collections.ConfigDict, key: str) -> tuple:
+    values = tuple(cfg.data[key]) if key in cfg.data else tuple(cfg.loss[key])
+    if len(values) != len(cfg.data.sources):
+        section = "data" if key in cfg.data else "loss"
+        raise ValueError(
+            f"config {section}.{key} has {len(values)} entries but data.sources has "
+            f"{len(cfg.data.sources)}: give one per source"
+        )
+    return values
+
+
+def build_vocabulary(cfg: ml_collections.ConfigDict, ddir: str) -> tuple[Vocabulary, list]:
+    """Union of the training and evaluation vocabularies plus the base/novel split (SPEC 5.3)."""
+    infos = [data_sources.source_info(name, ddir) for name in cfg.data.sources]
+    eval_info = data_sources.source_info(cfg.data.eval_source, ddir)
+    union = vocab.build_union([i.class_names for i in infos] + [eval_info.class_names])
+    supervised = [n for i in infos if i.kind in SUPERVISED_KINDS for n in i.class_names]
+    base, novel = vocab.base_novel_split(eval_info.class_names, supervised)
+    voc = Vocabulary(
+        union=union,
+        eval_names=tuple(eval_info.class_names),
+        eval_index=vocab.class_index(union, eval_info.class_names),
+        base=tuple(base),
+        novel=tuple(novel),
+    )
+    return voc, infos
+
+
+def build_step_settings(
+    cfg: ml_collections.ConfigDict, voc: Vocabulary, infos: list
+) -> StepSettings:
+    weights = _per_source(cfg, "basic_weights")
+    crops = _per_source(cfg, "crop_sizes")
+    specs = []
+    for info, weight, crop in zip(infos, weights, crops):
+        if info.kind not in SUPERVISED_KINDS + IMAGE_LEVEL_KINDS:
+            raise ValueError(f"source {info.name!r} is an evaluation set (kind {info.kind!r})")
+        index = tuple(int(i) for i in vocab.class_index(voc.union, info.class_names))
+        specs.append(SourceSpec(info.name, info.kind, index, float(weight), int(crop)))
+    plan = groups.group_sources(cfg.data.sources, cfg.data.ratio, cfg.data.num_groups)
+    ids = tuple(list(cfg.data.sources).index(name) for name in plan)
+    return StepSettings(
+        sources=tuple(specs),
+        group_source_ids=ids,
+        images_per_group=cfg.data.images_per_group,
+        seg_normalize=cfg.loss.seg_normalize,
+        downsample_rate=cfg.loss.downsample_rate,
+    )
+
+
+def build_model(cfg: ml_collections.ConfigDict, num_classes: int) -> segmenter.Segmenter:
+    if cfg.model.variant not in vit.VARIANTS:
+        raise ValueError(
+            f"config model.variant={cfg.model.variant!r} is unknown; known: {sorted(vit.VARIANTS)}"
+        )
+    dtype = jnp.dtype(cfg.model.dtype)
+    backbone = vit.vit_from_variant(
+        cfg.model.variant,
+        pos_grid=tuple(cfg.model.pos_grid),
+        drop_path_rate=cfg.model.drop_path_rate,
+        pos_resize_rule=cfg.model.pos_resize_rule,
+        attention=cfg.model.attention,
+        dtype=dtype,
+    )
+    return segmenter.Segmenter(backbone=backbone, num_classes=num_classes, dtype=dtype)

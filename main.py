@@ -1,0 +1,41 @@
+"""Entry point: python main.py --config configs/<name>.py --workdir DIR [--mode ...] [--config.x=y]."""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, eval JSON and TensorBoard go here.")
+flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval"], "What to run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+USER_ERRORS = (FileNotFoundError, PermissionError, ValueError, KeyError)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from larvseg_jax import train  # after flag parsing: jax reads XLA_FLAGS at import
+
+    logging.set_verbosity(logging.INFO)
+    try:
+        if FLAGS.mode == "eval":
+            report = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+        else:
+            report = train.train_and_evaluate(
+                FLAGS.config, FLAGS.workdir, do_eval=FLAGS.mode == "train_and_eval"
+            )
+    except (train.TrainingError, *USER_ERRORS) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if report:
+        print(
+            f"step {report['step']}: mIoU {report['miou']:.2f}  base {report['miou_base']:.2f}  "
+            f"novel {report['miou_novel']:.2f}  ({report['num_images']} images)"
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,40 @@
+"""Test setup: 8 simulated CPU devices (set before JAX starts) and shared paths."""
+
+import os
+import pathlib
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_disable_most_optimizations", True)
+
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
+GOLDENS = SHARED / "goldens"
+FIXTURES = SHARED / "fixtures"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="run real-size (ViT-B/16) tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: pass --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def goldens_dir() -> pathlib.Path:
+    return GOLDENS
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> pathlib.Path:
+    return FIXTURES
