@@ -66,8 +66,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         1.0,
         0.2,
     )  # per source: weight of seg CE or image-level CE (λcls)
+    cfg.loss.ca_weights = (0.1, 0.0, 0.1)  # per source: weight of the CA attentive loss (λaux)
     cfg.loss.seg_normalize = "all_pixels"  # "all_pixels" (faithful, SPEC B10) | "valid_pixels"
     cfg.loss.downsample_rate = 2  # loss grid = input / 2 (SPEC 2.1)
+
+    # ---- CA-classifier (SPEC 2.4, 2.5) ----
+    cfg.ca = ml_collections.ConfigDict()
+    cfg.ca.enabled = False  # False = the paper's baseline (no memory bank, no attentive loss)
+    cfg.ca.memory_size = 20  # M, FIFO slots per class
+    cfg.ca.topk = 20  # K, top-scoring pixel features enqueued per (image, label)
+    cfg.ca.warm_up = 1  # full bank wraps before a class's attentive loss counts
+    cfg.ca.background = True  # background suppression (False reproduces bug B1: A == 0.5)
+    cfg.ca.bg_topk = 5  # single-label background candidates: mean of the top-5 pixel scores
+    cfg.ca.bg_thresh = 0.2  # ... above this
+    cfg.ca.bg_mse_thresh = 1.0  # decorrelation filter threshold
+    cfg.ca.single_image = False  # Table 5 single-image variant (needs memory_size 1, warm_up 0)
+    cfg.ca.max_labels = 16  # static bound on labels per image seen by the CA loop
+    cfg.ca.mask_cold_background = False  # fix B2: skip never-written background classes
+    cfg.ca.nan_safe_mse = False  # fix B4: epsilon in the decorrelation z-scores
 
     # ---- optimiser (SPEC 4) ----
     cfg.optim = ml_collections.ConfigDict()

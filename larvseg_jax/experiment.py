@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 
 from larvseg_jax import groups, vocab
+from larvseg_jax.ca_classifier import CASettings
 from larvseg_jax.data import sources as data_sources
 from larvseg_jax.models import segmenter, vit
 
@@ -27,6 +28,7 @@ class SourceSpec:
     cls_index: tuple[int, ...]  # rows of the union table, in the source's label-id order
     basic_weight: float  # weight of its seg CE or image-level CE (λcls)
     crop: int  # training crop size
+    ca_weight: float = 0.0  # weight of the CA-classifier's attentive loss (λaux)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,7 @@ class StepSettings:
     images_per_group: int
     seg_normalize: str
     downsample_rate: int
+    ca: CASettings | None = None  # None = no CA-classifier (the baseline)
 
     @property
     def num_groups(self) -> int:
@@ -57,12 +60,11 @@ def data_dir(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     return cfg.data.dir or os.path.join(workdir, "data")
 
 
-def _per_source(cfg: ml_collections.ConfigDict, key: str) -> tuple:
-    values = tuple(cfg.data[key]) if key in cfg.data else tuple(cfg.loss[key])
+def _per_source(values, key: str, cfg: ml_collections.ConfigDict) -> tuple:
+    values = tuple(values)
     if len(values) != len(cfg.data.sources):
-        section = "data" if key in cfg.data else "loss"
         raise ValueError(
-            f"config {section}.{key} has {len(values)} entries but data.sources has "
+            f"config {key} has {len(values)} entries but data.sources has "
             f"{len(cfg.data.sources)}: give one per source"
         )
     return values
@@ -88,14 +90,16 @@ def build_vocabulary(cfg: ml_collections.ConfigDict, ddir: str) -> tuple[Vocabul
 def build_step_settings(
     cfg: ml_collections.ConfigDict, voc: Vocabulary, infos: list
 ) -> StepSettings:
-    weights = _per_source(cfg, "basic_weights")
-    crops = _per_source(cfg, "crop_sizes")
+    weights = _per_source(cfg.loss.basic_weights, "loss.basic_weights", cfg)
+    ca_weights = _per_source(cfg.loss.ca_weights, "loss.ca_weights", cfg)
+    crops = _per_source(cfg.data.crop_sizes, "data.crop_sizes", cfg)
     specs = []
-    for info, weight, crop in zip(infos, weights, crops):
+    for info, weight, ca_weight, crop in zip(infos, weights, ca_weights, crops):
         if info.kind not in SUPERVISED_KINDS + IMAGE_LEVEL_KINDS:
             raise ValueError(f"source {info.name!r} is an evaluation set (kind {info.kind!r})")
         index = tuple(int(i) for i in vocab.class_index(voc.union, info.class_names))
-        specs.append(SourceSpec(info.name, info.kind, index, float(weight), int(crop)))
+        ca_weight = float(ca_weight) if cfg.ca.enabled and info.kind != "seg" else 0.0
+        specs.append(SourceSpec(info.name, info.kind, index, float(weight), int(crop), ca_weight))
     plan = groups.group_sources(cfg.data.sources, cfg.data.ratio, cfg.data.num_groups)
     ids = tuple(list(cfg.data.sources).index(name) for name in plan)
     return StepSettings(
@@ -104,7 +108,18 @@ def build_step_settings(
         images_per_group=cfg.data.images_per_group,
         seg_normalize=cfg.loss.seg_normalize,
         downsample_rate=cfg.loss.downsample_rate,
+        ca=ca_settings(cfg),
     )
+
+
+def ca_settings(cfg: ml_collections.ConfigDict) -> CASettings | None:
+    if not cfg.ca.enabled:
+        return None
+    fields = {f.name for f in dataclasses.fields(CASettings)}
+    ca = CASettings(**{k: v for k, v in cfg.ca.items() if k in fields})
+    if ca.single_image and (ca.memory_size != 1 or ca.warm_up != 0):
+        raise ValueError("ca.single_image needs ca.memory_size=1 and ca.warm_up=0 (SPEC 2.5)")
+    return ca
 
 
 def build_model(cfg: ml_collections.ConfigDict, num_classes: int) -> segmenter.Segmenter:

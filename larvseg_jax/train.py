@@ -74,10 +74,14 @@ def build_setup(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
         total_steps=cfg.train.total_steps,
     )
     init = functools.partial(
-        create_train_state, model=model, tx=tx, image_size=settings.sources[0].crop
+        create_train_state,
+        model=model,
+        tx=tx,
+        image_size=settings.sources[0].crop,
+        settings=settings,
     )
     abstract = jax.eval_shape(init, jax.random.PRNGKey(cfg.seed))
-    shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+    shardings = state_shardings(abstract, mesh)
     return Setup(
         cfg,
         workdir,
@@ -229,6 +233,7 @@ def train_and_evaluate(
             batch = sharding.host_batch_to_global(next(data_iter), setup.mesh)
             state, metrics = step_fn(state, batch)
             step += 1
+            metrics.pop("group_loss")
             pending.append(metrics)
             if step % cfg.train.log_every_steps == 0 or step == total:
                 fetched = jax.device_get(pending)

@@ -14,9 +14,10 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from larvseg_jax import losses
+from larvseg_jax import ca_classifier, losses
 from larvseg_jax.experiment import SourceSpec, StepSettings
 from larvseg_jax.sharding import DATA
 
@@ -27,17 +28,35 @@ class TrainState:
     params: Any
     opt_state: optax.OptState
     rng: jax.Array  # [2] uint32; per-step keys are fold_in(rng, step)
+    bank: ca_classifier.Bank | None = None  # [G, ...] one memory bank per virtual device
 
 
 def create_train_state(
-    rng: jax.Array, model: Any, tx: optax.GradientTransformation, image_size: int
+    rng: jax.Array,
+    model: Any,
+    tx: optax.GradientTransformation,
+    image_size: int,
+    settings: StepSettings | None = None,
 ) -> TrainState:
     """Random init (pure; use under jax.eval_shape for an abstract state)."""
-    init_rng, state_rng = jax.random.split(rng)
+    init_rng, state_rng, bank_rng = jax.random.split(rng, 3)
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     params = model.init(init_rng, images, jnp.zeros((1,), jnp.int32), train=False)["params"]
+    bank = None
+    if settings is not None and settings.ca is not None:
+        num_classes, dim = params["head"]["cls_emb"].shape
+        keys = jax.random.split(bank_rng, settings.num_groups)
+        bank = jax.vmap(
+            lambda k: ca_classifier.init_bank(
+                k, num_classes, settings.ca.memory_size, settings.ca.topk, dim
+            )
+        )(keys)
     return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=state_rng,
+        bank=bank,
     )
 
 
@@ -50,56 +69,94 @@ def group_loss(
     model: Any,
     spec: SourceSpec,
     settings: StepSettings,
-) -> tuple[jax.Array, jax.Array]:
-    """Weighted loss of one virtual device holding `spec`'s source (SPEC 2.2, 2.3, 2.7).
+    bank: ca_classifier.Bank | None = None,
+) -> tuple[jax.Array, dict]:
+    """Weighted loss of one virtual device holding `spec`'s source (SPEC 2.2-2.4, 2.7).
 
     Args:
       images: [B, H, W, 3]; labels: [B, H, W] local class ids, IGNORE = -1.
+      bank: this group's memory bank (unbatched), or None without the CA-classifier.
 
     Returns:
-      the weighted loss and the unweighted basic loss (for logging).
+      the weighted loss and aux: "basic" and "aux" (unweighted losses) and "bank" (updated).
     """
     cls_index = jnp.asarray(spec.cls_index, jnp.int32)
-    logits, _ = model.apply(
+    logits, head_aux = model.apply(
         {"params": params}, images, cls_index, train=True, rngs={"dropout": rng}
     )
+    feature_hw = logits.shape[1:3]
     logits, labels = losses.loss_grid_inputs(logits, labels, settings.downsample_rate)
+    aux_loss = jnp.zeros((), jnp.float32)
     if spec.kind == "seg":
         basic = losses.seg_ce(logits, labels, normalize=settings.seg_normalize)
     else:
-        basic, _ = losses.image_level_ce(logits, labels)
-    return spec.basic_weight * basic, basic
+        basic, info = losses.image_level_ce(logits, labels)
+        if bank is not None and spec.ca_weight:
+            b, p = images.shape[0], feature_hw[0] * feature_hw[1]
+            bank, pairs = ca_classifier.scan_pairs(
+                bank,
+                head_aux["embed"].reshape(b, p, -1),
+                head_aux["score"].reshape(b, p, -1),
+                info["present"],
+                cls_index,
+                settings.ca,
+            )
+            aux_loss, _ = ca_classifier.attentive_ce(
+                logits,
+                pairs["a"],
+                pairs["label"],
+                pairs["valid"],
+                pairs["warm"],
+                info["present"],
+                feature_hw,
+                num_pairs=info["num_pairs"],
+            )
+    loss = spec.basic_weight * basic + spec.ca_weight * aux_loss
+    return loss, {"basic": basic, "aux": aux_loss, "bank": bank}
 
 
-def _device_loss(params, batch, rng, *, model, settings, groups_per_device):
-    """Sum over this device's groups of loss_g / G, and per-source loss sums/counts."""
+def _device_loss(params, batch, banks, rng, *, model, settings, groups_per_device):
+    """Sum over this device's groups of loss_g / G; per-group losses and updated banks."""
     num_sources = len(settings.sources)
     first = jax.lax.axis_index(DATA) * groups_per_device
     all_ids = jnp.asarray(settings.group_source_ids, jnp.int32)
     local_ids = jax.lax.dynamic_slice(all_ids, (first,), (groups_per_device,))
     global_index = first + jnp.arange(groups_per_device)
 
-    def branch(s, group_batch, key):
+    def branch(s, group_batch, bank, key):
         spec = settings.sources[s]
         data = group_batch[spec.name]
-        loss, basic = group_loss(
-            params, data["image"], data["label"], key, model=model, spec=spec, settings=settings
+        loss, aux = group_loss(
+            params,
+            data["image"],
+            data["label"],
+            key,
+            model=model,
+            spec=spec,
+            settings=settings,
+            bank=bank,
         )
-        return loss, jax.nn.one_hot(s, num_sources) * basic
+        onehot = jax.nn.one_hot(s, num_sources)
+        return loss, {"basic": onehot * aux["basic"], "aux": onehot * aux["aux"]}, aux["bank"]
 
     branches = [functools.partial(branch, s) for s in range(num_sources)]
 
     def body(total, xs):
-        source_id, g, group_batch = xs
+        source_id, g, group_batch, bank = xs
         key = jax.random.fold_in(rng, g)  # same key for group g on any device count
-        loss, per_source = jax.lax.switch(source_id, branches, group_batch, key)
-        return total + loss, (loss, per_source, jax.nn.one_hot(source_id, num_sources))
+        loss, per_source, bank = jax.lax.switch(source_id, branches, group_batch, bank, key)
+        counts = jax.nn.one_hot(source_id, num_sources)
+        return total + loss, (loss, per_source, counts, bank)
 
-    total, (group_losses, per_source, counts) = jax.lax.scan(
-        body, jnp.zeros((), jnp.float32), (local_ids, global_index, batch)
+    total, (group_losses, per_source, counts, banks) = jax.lax.scan(
+        body, jnp.zeros((), jnp.float32), (local_ids, global_index, batch, banks)
     )
-    aux = {"basic_sum": per_source.sum(0), "count": counts.sum(0), "group_loss": group_losses}
-    return total / settings.num_groups, aux
+    sums = {
+        "basic_sum": per_source["basic"].sum(0),
+        "aux_sum": per_source["aux"].sum(0),
+        "count": counts.sum(0),
+    }
+    return total / settings.num_groups, (sums, group_losses, banks)
 
 
 def train_step(
@@ -115,37 +172,42 @@ def train_step(
     """One SGD step over the global batch.
 
     Args:
-      state: replicated TrainState.
+      state: TrainState, replicated except the bank (sharded over DATA on its group axis).
       batch: {source: {"image": [G, B, H_s, W_s, 3], "label": [G, B, H_s, W_s]}} sharded over
         DATA on the group axis; rows of groups holding another source are padding.
 
     Returns:
-      the new state and metrics: "loss" (the step objective), "loss_<source>" (mean unweighted
-      basic loss over that source's groups), "lr" and "group_loss" [G] (weighted loss per group).
+      the new state and metrics: "loss" (the step objective), "loss_<source>" and
+      "aux_<source>" (mean unweighted basic / CA loss over that source's groups), "lr" and
+      "group_loss" [G] (weighted loss per group).
     """
     groups_per_device = settings.num_groups // mesh.devices.size
     step_rng = jax.random.fold_in(state.rng, state.step)
 
-    def per_device(params, local_batch, rng):
+    def per_device(params, local_batch, banks, rng):
         fn = functools.partial(
             _device_loss, model=model, settings=settings, groups_per_device=groups_per_device
         )
-        (loss, aux), grads = jax.value_and_grad(fn, has_aux=True)(params, local_batch, rng)
-        group_loss = aux.pop("group_loss")
-        return jax.lax.psum((loss, aux, grads), DATA), group_loss
+        (loss, (sums, group_losses, banks)), grads = jax.value_and_grad(fn, has_aux=True)(
+            params, local_batch, banks, rng
+        )
+        return jax.lax.psum((loss, sums, grads), DATA), group_losses, banks
 
     # check_vma=False: gradients stay per-device until the explicit psum (no implicit reduction).
-    (loss, aux, grads), group_losses = jax.shard_map(
+    (loss, sums, grads), group_losses, bank = jax.shard_map(
         per_device,
         mesh=mesh,
-        in_specs=(P(), P(DATA), P()),
-        out_specs=(P(), P(DATA)),
+        in_specs=(P(), P(DATA), P(DATA), P()),
+        out_specs=(P(), P(DATA), P(DATA)),
         check_vma=False,
-    )(state.params, batch, step_rng)
+    )(state.params, batch, state.bank, step_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "lr": schedule(state.step), "group_loss": group_losses}
     for s, spec in enumerate(settings.sources):
-        metrics[f"loss_{spec.name}"] = aux["basic_sum"][s] / jnp.maximum(aux["count"][s], 1)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        count = jnp.maximum(sums["count"][s], 1)
+        metrics[f"loss_{spec.name}"] = sums["basic_sum"][s] / count
+        if state.bank is not None and spec.ca_weight:
+            metrics[f"aux_{spec.name}"] = sums["aux_sum"][s] / count
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, bank=bank)
     return new_state, metrics

@@ -63,3 +63,70 @@ def image_level_ce(logits, labels):
             keep = [c for c in range(zbar.shape[0]) if c == l or c not in present]
             ces.append(-log_softmax(zbar[keep])[keep.index(l)])
     return (sum(ces) / len(ces) if ces else 0.0), ces
+
+
+def zscore(x, ddof):
+    return (x - x.mean()) / np.sqrt(x.var(ddof=ddof) + (1e-5 if ddof == 0 else 0.0))
+
+
+def ca_reference(queue, ptr, full, embed, score, labels, logits_up, cls_index, cfg):
+    """Loop-based SPEC 2.4 for one device: returns (aux loss, queue, ptr, full, per-pair dicts).
+
+    embed [B, P, D], score [B, P, N], labels [B, H, W] loss-grid labels, logits_up [B, H, W, N],
+    feature grid h = w = sqrt(P). Bank arrays are modified in copies.
+    """
+    queue, ptr, full = queue.copy(), ptr.copy(), full.copy()
+    b_count, p = embed.shape[:2]
+    side = int(round(p**0.5))
+    m = queue.shape[1]
+    big_h, big_w = labels.shape[1:]
+    terms, pairs = [], []
+    for b in range(b_count):
+        present = sorted(set(labels[b].ravel().tolist()) - {-1})
+        for l in present:
+            u = cls_index[l]
+            f = l2n(embed[b])
+            info = {"b": b, "l": l, "warm": full[u] >= cfg["warm_up"]}
+            if cfg.get("single_image"):
+                idx = np.argsort(-score[b][:, l], kind="stable")[: cfg["topk"]]
+                queue[u, ptr[u]] = embed[b][idx]
+                full[u] += ptr[u] == m - 1
+                ptr[u] = (ptr[u] + 1) % m
+            if info["warm"] or cfg.get("single_image"):
+                bank_score = lambda c: (
+                    f @ l2n(queue[cls_index[c]].reshape(-1, f.shape[1])).T
+                ).mean(1)
+                s_fg = bank_score(l)
+                if len(present) > 1:
+                    bg = [c for c in present if c != l]
+                else:
+                    top = np.sort(score[b], axis=0)[::-1][: cfg["bg_topk"]].mean(0)
+                    cand = [
+                        c for c in range(score.shape[2]) if top[c] > cfg["bg_thresh"] and c != l
+                    ]
+                    bg = []
+                    for c in cand:
+                        with np.errstate(invalid="ignore", divide="ignore"):
+                            mse = np.mean((zscore(s_fg, 1) - zscore(bank_score(c), 1)) ** 2)
+                        if mse > cfg["bg_mse_thresh"]:
+                            bg.append(c)
+                s_bg = np.mean([bank_score(c) for c in bg], axis=0) if bg else 1 - s_fg
+                a = zscore(s_fg - s_bg, 0)
+                up = upsample(a.reshape(1, side, side, 1), (big_h, big_w))[0, :, :, 0]
+                att = 1 / (1 + np.exp(-up))
+                zt = (att[..., None] * logits_up[b]).mean(axis=(0, 1))
+                keep = [c for c in range(zt.shape[0]) if c == l or c not in present]
+                term = -log_softmax(zt[keep])[keep.index(l)]
+                info.update(s_fg=s_fg, s_bg=s_bg, a=a, bg=bg)
+            else:
+                term = 0.0
+            terms.append(term)
+            info["term"] = term
+            pairs.append(info)
+            if not cfg.get("single_image"):
+                idx = np.argsort(-score[b][:, l], kind="stable")[: cfg["topk"]]
+                queue[u, ptr[u]] = embed[b][idx]
+                full[u] += ptr[u] == m - 1
+                ptr[u] = (ptr[u] + 1) % m
+    loss = sum(terms) / len(terms) if terms else 0.0
+    return loss, queue, ptr, full, pairs

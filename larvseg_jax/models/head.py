@@ -55,10 +55,11 @@ class CosineHead(nn.Module):
 
         x = l2_normalize(features.astype(self.dtype) @ patch_proj.astype(self.dtype))
         e = l2_normalize(cls_emb[cls_index].astype(self.dtype) @ class_proj.astype(self.dtype))
-        scores = jnp.einsum("bhwd,nd->bhwn", x, e).astype(jnp.float32)
+        out_dtype = jnp.promote_types(self.dtype, jnp.float32)  # scores never below fp32
+        scores = jnp.einsum("bhwd,nd->bhwn", x, e).astype(out_dtype)
         logits = mask_norm(scores, gamma, beta)
         aux = {
             "score": jax.lax.stop_gradient(scores),
-            "embed": jax.lax.stop_gradient(x.astype(jnp.float32)),
+            "embed": jax.lax.stop_gradient(x.astype(out_dtype)),
         }
         return logits, aux
