@@ -48,6 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.data.num_workers = 0  # grain worker processes (0 = in-process)
     cfg.data.prefetch = 2  # host batches prepared ahead of the device
     cfg.data.eval_source = "syn_eval"  # evaluation set (full masks over base + novel)
+    cfg.data.max_labels = 16  # static bound on classes per crop (CA pair lists, sampling)
 
     # Synthetic world knobs (larvseg_jax/data/synthetic.py documents each).
     cfg.data.synthetic = ml_collections.ConfigDict()
@@ -67,6 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         0.2,
     )  # per source: weight of seg CE or image-level CE (λcls)
     cfg.loss.ca_weights = (0.1, 0.0, 0.1)  # per source: weight of the CA attentive loss (λaux)
+    cfg.loss.sample_classes = 0  # SPEC 2.6 "s100": softmax over 100 random + present classes
     cfg.loss.seg_normalize = "all_pixels"  # "all_pixels" (faithful, SPEC B10) | "valid_pixels"
     cfg.loss.downsample_rate = 2  # loss grid = input / 2 (SPEC 2.1)
 
@@ -81,7 +83,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.ca.bg_thresh = 0.2  # ... above this
     cfg.ca.bg_mse_thresh = 1.0  # decorrelation filter threshold
     cfg.ca.single_image = False  # Table 5 single-image variant (needs memory_size 1, warm_up 0)
-    cfg.ca.max_labels = 16  # static bound on labels per image seen by the CA loop
     cfg.ca.mask_cold_background = False  # fix B2: skip never-written background classes
     cfg.ca.nan_safe_mse = False  # fix B4: epsilon in the decorrelation z-scores
 

@@ -161,12 +161,14 @@ def scan_pairs(
     present: jax.Array,
     cls_index: jax.Array,
     cfg: CASettings,
+    class_mask: jax.Array | None = None,
 ) -> tuple[Bank, dict]:
     """Visits every (image, label) pair in loop order: score against the bank, then enqueue.
 
     Args:
       embed: [B, P, D] unit pixel embeddings; score: [B, P, N] raw cosine scores (stop-grad).
       present: [B, N] image-level labels; cls_index: [N] union rows.
+      class_mask: [N] bool, False for padding columns of a sampled vocabulary.
 
     Returns:
       the updated bank and per-pair arrays [B, L, ...]: "a" [B, L, P] attention logits,
@@ -175,6 +177,8 @@ def scan_pairs(
     labels, valid, n_labels = pair_list(present, cfg.max_labels)
     k = min(cfg.bg_topk, score.shape[1])
     top_mean = jnp.mean(jax.lax.top_k(jnp.swapaxes(score, 1, 2), k)[0], axis=-1)  # [B, N]
+    if class_mask is not None:  # padding columns never become background candidates
+        top_mean = jnp.where(class_mask, top_mean, -jnp.inf)
     b_idx = jnp.repeat(jnp.arange(labels.shape[0]), cfg.max_labels)
 
     def visit(bank, xs):
@@ -213,6 +217,7 @@ def attentive_ce(
     present: jax.Array,
     feature_hw: tuple[int, int],
     num_pairs: jax.Array | None = None,
+    class_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Aux CE of mean_p(A_p * logits_p) per pair, same kept-class rule as SPEC 2.3 (step 4).
 
@@ -233,7 +238,7 @@ def attentive_ce(
     att = jax.nn.sigmoid(interp.resize_bilinear(maps, (big_h, big_w)))  # upsample, then sigmoid
     att = jax.lax.stop_gradient(att.reshape(b, l, big_h * big_w))
     pooled = jnp.einsum("blp,bpn->bln", att, logits.reshape(b, big_h * big_w, n)) / (big_h * big_w)
-    ce_all = losses.kept_class_ce(pooled, present[:, None, :])  # [B, L, N]
+    ce_all = losses.kept_class_ce(pooled, present[:, None, :], class_mask)  # [B, L, N]
     ce = jnp.take_along_axis(ce_all, labels[..., None], axis=-1)[..., 0]
     ce = jnp.where(valid & warm, ce, 0.0)
     num_pairs = jnp.sum(valid) if num_pairs is None else num_pairs

@@ -41,6 +41,8 @@ class StepSettings:
     seg_normalize: str
     downsample_rate: int
     ca: CASettings | None = None  # None = no CA-classifier (the baseline)
+    sample_classes: int = 0  # R of SPEC 2.6 ("s100"); 0 = full vocabulary
+    max_labels: int = 16  # static bound on classes per image (pads pair and sample lists)
 
     @property
     def num_groups(self) -> int:
@@ -109,6 +111,8 @@ def build_step_settings(
         seg_normalize=cfg.loss.seg_normalize,
         downsample_rate=cfg.loss.downsample_rate,
         ca=ca_settings(cfg),
+        sample_classes=cfg.loss.sample_classes,
+        max_labels=cfg.data.max_labels,
     )
 
 
@@ -116,7 +120,9 @@ def ca_settings(cfg: ml_collections.ConfigDict) -> CASettings | None:
     if not cfg.ca.enabled:
         return None
     fields = {f.name for f in dataclasses.fields(CASettings)}
-    ca = CASettings(**{k: v for k, v in cfg.ca.items() if k in fields})
+    ca = CASettings(
+        **{k: v for k, v in cfg.ca.items() if k in fields}, max_labels=cfg.data.max_labels
+    )
     if ca.single_image and (ca.memory_size != 1 or ca.warm_up != 0):
         raise ValueError("ca.single_image needs ca.memory_size=1 and ca.warm_up=0 (SPEC 2.5)")
     return ca

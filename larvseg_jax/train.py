@@ -17,7 +17,7 @@ from larvseg_jax import checkpoint, evaluate, experiment, groups, sharding, tb_w
 from larvseg_jax.data import pipeline, synthetic
 from larvseg_jax.models import pretrained
 from larvseg_jax.optim import make_optimizer
-from larvseg_jax.train_step import TrainState, create_train_state, train_step
+from larvseg_jax.train_step import TrainState, create_train_state, state_shardings, train_step
 
 
 class TrainingError(RuntimeError):
@@ -37,6 +37,7 @@ class Setup:
     model: Any
     tx: Any
     schedule: Any
+    init_fn: Any  # rng -> TrainState
     state_shardings: Any
     abstract_state: Any
 
@@ -92,6 +93,7 @@ def build_setup(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
         model,
         tx,
         schedule,
+        init,
         shardings,
         checkpoint.abstract_with_shardings(abstract, shardings),
     )
@@ -99,13 +101,9 @@ def build_setup(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
 
 def initial_state(setup: Setup) -> TrainState:
     """Random init, then the pretrained backbone if the config names one."""
-    init = functools.partial(
-        create_train_state,
-        model=setup.model,
-        tx=setup.tx,
-        image_size=setup.settings.sources[0].crop,
+    state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(
+        jax.random.PRNGKey(setup.cfg.seed)
     )
-    state = jax.jit(init, out_shardings=setup.state_shardings)(jax.random.PRNGKey(setup.cfg.seed))
     if setup.cfg.model.pretrained:
         params = jax.device_get(state.params)
         params["backbone"] = pretrained.load_augreg_npz(

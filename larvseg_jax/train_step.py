@@ -17,8 +17,9 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from larvseg_jax import ca_classifier, losses
+from larvseg_jax import ca_classifier, losses, vocab
 from larvseg_jax.experiment import SourceSpec, StepSettings
+from larvseg_jax import sharding
 from larvseg_jax.sharding import DATA
 
 
@@ -60,6 +61,15 @@ def create_train_state(
     )
 
 
+def state_shardings(abstract: TrainState, mesh: Mesh) -> TrainState:
+    """Everything replicated except the memory banks: one per group, split over DATA."""
+    shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+    if abstract.bank is not None:
+        bank = jax.tree.map(lambda _: sharding.data_sharded(mesh), abstract.bank)
+        shardings = shardings.replace(bank=bank)
+    return shardings
+
+
 def group_loss(
     params: Any,
     images: jax.Array,
@@ -81,16 +91,29 @@ def group_loss(
       the weighted loss and aux: "basic" and "aux" (unweighted losses) and "bank" (updated).
     """
     cls_index = jnp.asarray(spec.cls_index, jnp.int32)
+    drop_rng, sample_rng = jax.random.split(rng)
+    class_mask = None
+    if settings.sample_classes:  # SPEC 2.6, on every source; present classes at full res (D3)
+        n = cls_index.shape[0]
+        size = min(n, settings.sample_classes + images.shape[0] * settings.max_labels)
+        present = jnp.any(losses.present_classes(labels, n), axis=0)
+        positions, class_mask = vocab.sample_classes(
+            sample_rng, present, settings.sample_classes, size
+        )
+        cls_index = cls_index[positions]
+        labels = vocab.remap_labels(labels, positions, class_mask, n)
     logits, head_aux = model.apply(
-        {"params": params}, images, cls_index, train=True, rngs={"dropout": rng}
+        {"params": params}, images, cls_index, class_mask, train=True, rngs={"dropout": drop_rng}
     )
     feature_hw = logits.shape[1:3]
     logits, labels = losses.loss_grid_inputs(logits, labels, settings.downsample_rate)
     aux_loss = jnp.zeros((), jnp.float32)
     if spec.kind == "seg":
-        basic = losses.seg_ce(logits, labels, normalize=settings.seg_normalize)
+        basic = losses.seg_ce(
+            logits, labels, normalize=settings.seg_normalize, class_mask=class_mask
+        )
     else:
-        basic, info = losses.image_level_ce(logits, labels)
+        basic, info = losses.image_level_ce(logits, labels, class_mask)
         if bank is not None and spec.ca_weight:
             b, p = images.shape[0], feature_hw[0] * feature_hw[1]
             bank, pairs = ca_classifier.scan_pairs(
@@ -100,6 +123,7 @@ def group_loss(
                 info["present"],
                 cls_index,
                 settings.ca,
+                class_mask,
             )
             aux_loss, _ = ca_classifier.attentive_ce(
                 logits,
@@ -110,6 +134,7 @@ def group_loss(
                 info["present"],
                 feature_hw,
                 num_pairs=info["num_pairs"],
+                class_mask=class_mask,
             )
     loss = spec.basic_weight * basic + spec.ca_weight * aux_loss
     return loss, {"basic": basic, "aux": aux_loss, "bank": bank}

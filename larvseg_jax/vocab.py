@@ -6,6 +6,8 @@ embedding table, trained by both. A source only ever sees its own classes in the
 
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -43,3 +45,39 @@ def base_novel_split(
     base = [n for n in eval_names if n in supervised]
     novel = [n for n in eval_names if n not in supervised]
     return base, novel
+
+
+def sample_classes(
+    rng: jax.Array, present: jax.Array, num_sample: int, size: int
+) -> tuple[jax.Array, jax.Array]:
+    """Sampled vocabulary of one step: num_sample random classes plus every present one (SPEC 2.6).
+
+    Static-shape form of `R = random.sample(range(N), 100); R | present`: every class gets a
+    random key, the num_sample smallest keys form R, and the union is returned as the first
+    `size` positions of its (ascending) indices, padded. Softmaxes and the mask norm are
+    permutation invariant, so the official set order does not matter.
+
+    Args:
+      rng: key of this step and group.
+      present: [N] bool classes present anywhere in the group's full-resolution labels (D3).
+      num_sample: R (100 in the s100 configs); min(R, N) are drawn.
+      size: static length S >= R + max present classes.
+
+    Returns:
+      positions [S] int32 local class ids and valid [S] bool (False = padding).
+    """
+    n = present.shape[0]
+    keys = jax.random.uniform(rng, (n,))
+    drawn = jnp.argsort(jnp.argsort(keys)) < min(num_sample, n)
+    chosen = drawn | present
+    positions = jnp.nonzero(chosen, size=size, fill_value=0)[0].astype(jnp.int32)
+    valid = jnp.arange(size) < jnp.sum(chosen)
+    return positions, valid
+
+
+def remap_labels(labels: jax.Array, positions: jax.Array, valid: jax.Array, n: int) -> jax.Array:
+    """Local class ids -> positions in the sampled vocabulary; unsampled classes -> IGNORE (-1)."""
+    inverse = jnp.full((n + 1,), -1, jnp.int32)
+    inverse = inverse.at[jnp.where(valid, positions, n)].set(jnp.arange(positions.shape[0]))
+    inverse = inverse.at[n].set(-1)
+    return inverse[jnp.where(labels >= 0, labels, n)]

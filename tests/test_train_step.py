@@ -6,20 +6,21 @@ import jax
 import numpy as np
 import pytest
 
-from larvseg_jax import groups, sharding
+from larvseg_jax import ca_classifier, groups, sharding
 from larvseg_jax.experiment import SourceSpec, StepSettings
 from larvseg_jax.models import segmenter, vit
 from larvseg_jax.optim import make_optimizer
-from larvseg_jax.train_step import create_train_state, group_loss, train_step
+from larvseg_jax.train_step import create_train_state, group_loss, state_shardings, train_step
 
 SOURCES = (
-    SourceSpec("weak", "weak", (0, 1, 2, 3), 0.1, 24),
+    SourceSpec("weak", "weak", (0, 1, 2, 3), 0.1, 24, ca_weight=0.1),
     SourceSpec("seg", "seg", (0, 1, 4), 1.0, 32),
 )
+CA = ca_classifier.CASettings(memory_size=1, topk=3, warm_up=0, max_labels=4)
 
 
-@pytest.fixture(scope="module")
-def setup():
+@pytest.fixture(scope="module", params=["baseline", "larvseg"])
+def setup(request):
     plan = groups.group_sources(["weak", "seg"], [1, 1], 8)
     settings = StepSettings(
         sources=SOURCES,
@@ -27,13 +28,14 @@ def setup():
         images_per_group=2,
         seg_normalize="all_pixels",
         downsample_rate=2,
+        ca=CA if request.param == "larvseg" else None,
     )
     backbone = vit.vit_from_variant("micro", pos_grid=(4, 4), drop_path_rate=0.2)
     model = segmenter.Segmenter(backbone=backbone, num_classes=5)
     tx, schedule = make_optimizer(
         lr=0.5, end_lr=1e-3, power=0.9, momentum=0.9, weight_decay=0.0, total_steps=10
     )
-    state = create_train_state(jax.random.PRNGKey(0), model, tx, 32)
+    state = create_train_state(jax.random.PRNGKey(0), model, tx, 32, settings)
     return settings, model, tx, schedule, state, plan
 
 
@@ -54,14 +56,15 @@ def make_batch(plan, rng, fill=0.0):
 def run_step(setup, devices, batch):
     settings, model, tx, schedule, state, _ = setup
     mesh = sharding.make_mesh(devices)
+    shardings = state_shardings(state, mesh)
     fn = jax.jit(
         functools.partial(
             train_step, model=model, tx=tx, settings=settings, mesh=mesh, schedule=schedule
         ),
-        in_shardings=(sharding.replicated(mesh), sharding.data_sharded(mesh)),
-        out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
+        in_shardings=(shardings, sharding.data_sharded(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
     )
-    state = jax.device_put(state, sharding.replicated(mesh))
+    state = jax.device_put(state, shardings)
     batch = sharding.host_batch_to_global(batch, mesh)
     return jax.device_get(fn(state, batch))
 
@@ -75,8 +78,8 @@ def test_eight_devices_equal_one_device(setup):
     np.testing.assert_allclose(m8["group_loss"], m1["group_loss"], rtol=1e-5)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-        state8.params,
-        state1.params,
+        (state8.params, state8.bank),
+        (state1.params, state1.bank),
     )
     assert int(state8.step) == 1
 

@@ -32,3 +32,33 @@ def test_duplicate_names_share_one_row():
 def test_class_index_rejects_unknown_names():
     with pytest.raises(ValueError, match="not in the union"):
         vocab.class_index(("a", "b"), ["c"])
+
+
+def test_sample_classes_keeps_every_present_class_plus_r_random():
+    import jax
+    import jax.numpy as jnp
+
+    present = np.zeros(300, bool)
+    present[[3, 150, 299]] = True
+    for seed in range(5):
+        positions, valid = vocab.sample_classes(
+            jax.random.PRNGKey(seed), jnp.asarray(present), 100, 140
+        )
+        chosen = set(np.asarray(positions)[np.asarray(valid)].tolist())
+        assert {3, 150, 299} <= chosen
+        assert 100 <= len(chosen) <= 103 and len(chosen) == int(valid.sum())
+    labels = jnp.asarray([[3, -1], [299, 150]])
+    remapped = np.asarray(vocab.remap_labels(labels, positions, valid, 300))
+    pos = np.asarray(positions)
+    assert remapped[0, 1] == -1
+    for (i, j), orig in np.ndenumerate(np.asarray(labels)):
+        if orig >= 0:
+            assert pos[remapped[i, j]] == orig
+
+
+def test_sample_classes_with_small_vocabulary_takes_all():
+    import jax
+    import jax.numpy as jnp
+
+    positions, valid = vocab.sample_classes(jax.random.PRNGKey(0), jnp.zeros(7, bool), 100, 7)
+    assert sorted(np.asarray(positions).tolist()) == list(range(7)) and bool(valid.all())

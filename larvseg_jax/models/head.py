@@ -14,11 +14,22 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
     return x / jnp.linalg.norm(x, axis=axis, keepdims=True)
 
 
-def mask_norm(scores: jax.Array, gamma: jax.Array, beta: jax.Array) -> jax.Array:
-    """Per-pixel z-score over the class axis (last), population variance, eps 1e-5."""
-    mean = jnp.mean(scores, axis=-1, keepdims=True)
-    var = jnp.var(scores, axis=-1, keepdims=True)
-    return gamma * (scores - mean) / jnp.sqrt(var + MASK_NORM_EPS) + beta
+def mask_norm(
+    scores: jax.Array, gamma: jax.Array, beta: jax.Array, class_mask: jax.Array | None = None
+) -> jax.Array:
+    """Per-pixel z-score over the class axis (last), population variance, eps 1e-5.
+
+    `class_mask` [N] excludes padding columns of a sampled vocabulary from the statistics.
+    """
+    if class_mask is None:
+        mean = jnp.mean(scores, axis=-1, keepdims=True)
+        var = jnp.var(scores, axis=-1, keepdims=True)
+    else:
+        count = jnp.sum(class_mask)
+        mean = jnp.sum(jnp.where(class_mask, scores, 0.0), -1, keepdims=True) / count
+        var = jnp.sum(jnp.where(class_mask, (scores - mean) ** 2, 0.0), -1, keepdims=True) / count
+    z = gamma * (scores - mean) / jnp.sqrt(var + MASK_NORM_EPS) + beta
+    return z if class_mask is None else jnp.where(class_mask, z, 0.0)
 
 
 class CosineHead(nn.Module):
@@ -33,12 +44,15 @@ class CosineHead(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, features: jax.Array, cls_index: jax.Array) -> tuple[jax.Array, dict]:
+    def __call__(
+        self, features: jax.Array, cls_index: jax.Array, class_mask: jax.Array | None = None
+    ) -> tuple[jax.Array, dict]:
         """Scores every pixel against the classes of the current vocabulary.
 
         Args:
           features: [B, h, w, D] backbone output.
           cls_index: [N] int rows of the union table that form the current vocabulary.
+          class_mask: [N] bool, False for padding columns of a sampled vocabulary (SPEC 2.6).
 
         Returns:
           logits [B, h, w, N] mask-normed scores, and aux with "score" [B, h, w, N] (raw cosine)
@@ -57,7 +71,7 @@ class CosineHead(nn.Module):
         e = l2_normalize(cls_emb[cls_index].astype(self.dtype) @ class_proj.astype(self.dtype))
         out_dtype = jnp.promote_types(self.dtype, jnp.float32)  # scores never below fp32
         scores = jnp.einsum("bhwd,nd->bhwn", x, e).astype(out_dtype)
-        logits = mask_norm(scores, gamma, beta)
+        logits = mask_norm(scores, gamma, beta, class_mask)
         aux = {
             "score": jax.lax.stop_gradient(scores),
             "embed": jax.lax.stop_gradient(x.astype(out_dtype)),

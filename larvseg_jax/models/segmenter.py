@@ -19,8 +19,14 @@ class Segmenter(nn.Module):
 
     @nn.compact
     def __call__(
-        self, images: jax.Array, cls_index: jax.Array, *, train: bool
+        self,
+        images: jax.Array,
+        cls_index: jax.Array,
+        class_mask: jax.Array | None = None,
+        *,
+        train: bool,
     ) -> tuple[jax.Array, dict]:
         """images [B, H, W, 3] -> logits [B, h, w, N] and aux {"score", "embed"} (SPEC 1.3)."""
         features = self.backbone(images, train=train)
-        return CosineHead(self.num_classes, dtype=self.dtype, name="head")(features, cls_index)
+        head = CosineHead(self.num_classes, dtype=self.dtype, name="head")
+        return head(features, cls_index, class_mask)
