@@ -96,3 +96,24 @@ def test_present_classes_ignores_ignore_pixels():
     labels = jnp.asarray([[[0, -1], [3, 3]], [[-1, -1], [-1, -1]]])
     present = np.asarray(losses.present_classes(labels, 4))
     np.testing.assert_array_equal(present, [[1, 0, 0, 1], [0, 0, 0, 0]])
+
+
+def test_padding_columns_equal_deleting_them():
+    """A sampled vocabulary padded with masked columns gives the unpadded losses (SPEC 2.6)."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 3, 3, 8)).astype(np.float32)
+    cls_index = np.array([0, 2, 5, 1, 1])
+    mask = np.array([True, True, False, True, False])
+    head = CosineHead(num_classes=6)
+    params = head.init(jax.random.PRNGKey(0), x, cls_index)["params"]
+    masked, _ = head.apply({"params": params}, x, cls_index, jnp.asarray(mask))
+    plain, _ = head.apply({"params": params}, x, cls_index[mask])
+    np.testing.assert_allclose(np.asarray(masked)[..., mask], plain, rtol=1e-5, atol=1e-6)
+    labels = rng.choice([0, 1, -1], size=(2, 3, 3))  # ids in the unpadded vocabulary
+    padded_labels = np.where(labels >= 0, np.flatnonzero(mask)[np.maximum(labels, 0)], -1)
+    for fn in (lambda z, y, m: losses.seg_ce(z, y, class_mask=m),
+               lambda z, y, m: losses.image_level_ce(z, y, m)[0]):
+        np.testing.assert_allclose(
+            fn(masked, jnp.asarray(padded_labels), jnp.asarray(mask)),
+            fn(plain, jnp.asarray(labels), None), rtol=1e-5,
+        )
