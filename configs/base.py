@@ -7,8 +7,26 @@ with a tiny ViT, so `python main.py --config configs/base.py` runs on a laptop C
 import ml_collections
 
 
+def parse_args(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses a config argument "k=v,k2=v2" into typed fields (big_vision's parse_arg).
+
+    Each key must be one of `defaults`, whose type converts the value, so a typo in a sweep
+    argument fails at once.
+    """
+    args = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise ValueError(
+                f"config argument {item!r} is not one of {sorted(defaults)} (form: key=value,...)"
+            )
+        kind = type(defaults[key])
+        args[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return args
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    parse_args(arg)  # the base takes no arguments; reject any
     cfg = ml_collections.ConfigDict()
     cfg.seed = 0  # params, bank, drop-path and data order all derive from it
 

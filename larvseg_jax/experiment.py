@@ -12,6 +12,7 @@ import numpy as np
 
 from larvseg_jax import groups, vocab
 from larvseg_jax.ca_classifier import CASettings
+from larvseg_jax.data import catalog
 from larvseg_jax.data import sources as data_sources
 from larvseg_jax.models import segmenter, vit
 
@@ -58,6 +59,22 @@ class Vocabulary:
     novel: tuple[str, ...]
 
 
+@dataclasses.dataclass(frozen=True)
+class SourceMeta:
+    name: str
+    kind: str  # "seg" | "weak" | "single" | "eval"
+    class_names: tuple[str, ...]
+
+
+def source_meta(name: str, ddir: str) -> SourceMeta:
+    """Kind and vocabulary of a source: the catalog for the paper's datasets (no data needed),
+    the records' own metadata otherwise (the synthetic world)."""
+    if name in catalog.CARDS:
+        return SourceMeta(name, catalog.CARDS[name].kind, catalog.class_names(name))
+    info = data_sources.source_info(name, ddir)
+    return SourceMeta(info.name, info.kind, tuple(info.class_names))
+
+
 def data_dir(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     return cfg.data.dir or os.path.join(workdir, "data")
 
@@ -74,8 +91,8 @@ def _per_source(values, key: str, cfg: ml_collections.ConfigDict) -> tuple:
 
 def build_vocabulary(cfg: ml_collections.ConfigDict, ddir: str) -> tuple[Vocabulary, list]:
     """Union of the training and evaluation vocabularies plus the base/novel split (SPEC 5.3)."""
-    infos = [data_sources.source_info(name, ddir) for name in cfg.data.sources]
-    eval_info = data_sources.source_info(cfg.data.eval_source, ddir)
+    infos = [source_meta(name, ddir) for name in cfg.data.sources]
+    eval_info = source_meta(cfg.data.eval_source, ddir)
     union = vocab.build_union([i.class_names for i in infos] + [eval_info.class_names])
     supervised = [n for i in infos if i.kind in SUPERVISED_KINDS for n in i.class_names]
     base, novel = vocab.base_novel_split(eval_info.class_names, supervised)

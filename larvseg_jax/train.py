@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from larvseg_jax import checkpoint, evaluate, experiment, groups, sharding, tb_writer
 from larvseg_jax.data import pipeline, synthetic
@@ -59,8 +60,11 @@ def build_setup(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
     check_workdir(workdir)
     data_dir = experiment.data_dir(cfg, workdir)
     names = list(cfg.data.sources) + [cfg.data.eval_source]
-    if any(n.startswith("syn_") for n in names) and jax.process_index() == 0:
-        synthetic.ensure_synthetic(data_dir, cfg.data.synthetic)
+    if any(n.startswith("syn_") for n in names):
+        if jax.process_index() == 0:
+            synthetic.ensure_synthetic(data_dir, cfg.data.synthetic)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("synthetic data written")
     voc, infos = experiment.build_vocabulary(cfg, data_dir)
     settings = experiment.build_step_settings(cfg, voc, infos)
     mesh = sharding.make_mesh()

@@ -1,0 +1,13 @@
+"""Table 3 baseline, C171 + WA847 (paper: 8.9 / 28.7 / 6.6 on A847, 92 base / 755 novel).
+
+Official: configs/baseline_coco171_ade847w/vitb16_320k_wa847_c171_ab0.2.py (no class sampling).
+    python main.py --config configs/baseline_c171_wa847.py --workdir runs/baseline_c171_wa847
+"""
+
+from configs.paper import paper_config
+
+
+def get_config(arg=None):
+    return paper_config(
+        arg, sources=("wa847", "c171"), ratio=(1, 1), basic_weights=(0.2, 1.0), eval_source="a847"
+    )

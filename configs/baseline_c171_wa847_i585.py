@@ -1,0 +1,14 @@
+"""Table 3 baseline, C171 + WA847 + I585 (paper: 11.9 / 28.5 / 9.9 on A847), 3:3:2 groups.
+
+Official: configs/baseline_coco171_ade847w_in585/vitb16_320k_wa847_c171_i585_ib0.2_ab0.2.py
+    python main.py --config configs/baseline_c171_wa847_i585.py --workdir runs/baseline_c171_wa847_i585
+"""
+
+from configs.paper import paper_config
+
+
+def get_config(arg=None):
+    return paper_config(
+        arg, sources=("wa847", "c171", "i585"), ratio=(3, 3, 2), basic_weights=(0.2, 1.0, 0.2),
+        eval_source="a847",
+    )

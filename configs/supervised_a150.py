@@ -1,0 +1,19 @@
+"""Table 3 "Supervised A150" upper bound: pixel labels for all 150 ADE classes (paper: 48.6).
+
+The official basic segmenter (configs/basic_segmenter/) trained on ADE20K-150 train alone, 8 GPUs
+x 2 images, evaluated on A150 val. `:dataset=a847` gives the A847 bound (paper: 18.6).
+    python main.py --config configs/supervised_a150.py --workdir runs/supervised_a150
+"""
+
+from configs import base
+from configs.paper import paper_config
+
+
+def get_config(arg=None):
+    args = base.parse_args(arg, dataset="a150")
+    if args.dataset not in ("a150", "a847"):
+        raise ValueError(f"dataset must be a150 or a847, got {args.dataset!r}")
+    return paper_config(
+        None, sources=(f"{args.dataset}_seg",), ratio=(1,), basic_weights=(1.0,),
+        eval_source=args.dataset,
+    )
