@@ -1,5 +1,7 @@
 """Entry point: python main.py --config configs/<name>.py --workdir DIR [--mode ...] [--config.x=y]."""
 
+import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -14,12 +16,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 USER_ERRORS = (FileNotFoundError, PermissionError, ValueError, KeyError)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # a preemption (SIGTERM) saves a checkpoint like Ctrl-C
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from larvseg_jax import train  # after flag parsing: jax reads XLA_FLAGS at import
 
     logging.set_verbosity(logging.INFO)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         if FLAGS.mode == "eval":
             report = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
@@ -27,8 +34,13 @@ def main(argv):
             report = train.train_and_evaluate(
                 FLAGS.config, FLAGS.workdir, do_eval=FLAGS.mode == "train_and_eval"
             )
+    except KeyboardInterrupt:
+        print("interrupted: a checkpoint was saved; run the same command to resume", file=sys.stderr)
+        sys.exit(130)
     except (train.TrainingError, *USER_ERRORS) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("LARVSEG_TRACEBACK"):
+            raise
+        print(f"error: {e}  (LARVSEG_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         sys.exit(1)
     if report:
         print(

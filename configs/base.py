@@ -72,6 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.data.synthetic = ml_collections.ConfigDict()
     cfg.data.synthetic.seed = 0
     cfg.data.synthetic.image_size = 64
+    cfg.data.synthetic.aspect_max = 1.5  # long/short image side drawn from U[1, aspect_max]
     cfg.data.synthetic.num_seg = 512  # pixel-labelled images over the base classes
     cfg.data.synthetic.num_weak = 512  # multi-label images (labels only)
     cfg.data.synthetic.num_single = 512  # single-label images (ImageNet-like)

@@ -1,4 +1,4 @@
-"""Slide / whole inference, per-image class histograms, mIoU all/base/novel and the eval JSON (SPEC 7).
+"""Slide / whole inference, class histograms, mIoU all/base/novel and the eval JSON (SPEC 7).
 
 Metric values are percentages (0-100), as the paper reports them. IoU of a class absent from both
 the ground truth and the predictions is NaN, excluded from every mean and written as JSON null.
@@ -337,7 +337,9 @@ def run_evaluation(
             elapsed = time.perf_counter() - start
             eta = f", ETA {elapsed / num_images * (size - num_images):.0f} s" if size else ""
             total = f"/{size}" if size else ""
-            logging.info("eval step %d: %d%s images, %.0f s%s", step, num_images, total, elapsed, eta)
+            logging.info(
+                "eval step %d: %d%s images, %.0f s%s", step, num_images, total, elapsed, eta
+            )
     intersect, pred_area, gt_area = totals
     report = miou_report(
         intersect,

@@ -71,7 +71,9 @@ class TensorBoardWriter:
                 float_val=[float(value)],
                 tensor_shape=tensor_shape_pb2.TensorShapeProto(),
             )
-            values.append(summary_pb2.Summary.Value(tag=tag, tensor=tensor, metadata=_SCALAR_METADATA))
+            values.append(
+                summary_pb2.Summary.Value(tag=tag, tensor=tensor, metadata=_SCALAR_METADATA)
+            )
         self._add(step, values)
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
@@ -87,7 +89,9 @@ class TensorBoardWriter:
             if array.ndim == 3:
                 array = array[None]
             if array.ndim != 4 or array.shape[-1] not in (1, 3):
-                raise ValueError(f"image {tag!r}: want [H, W, 3] or [B, H, W, 3], got {array.shape}")
+                raise ValueError(
+                    f"image {tag!r}: want [H, W, 3] or [B, H, W, 3], got {array.shape}"
+                )
             for i, image in enumerate(array):
                 name = tag if len(array) == 1 else f"{tag}/{i}"
                 values.append(summary_pb2.Summary.Value(tag=name, image=_png(image)))

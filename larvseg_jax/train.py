@@ -181,9 +181,16 @@ def _check_finite(metrics: dict, first: int, last: int) -> None:
 
 
 def train_and_evaluate(
-    cfg: ml_collections.ConfigDict, workdir: str, *, do_eval: bool = True
+    cfg: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    do_eval: bool = True,
+    stop_at: int | None = None,
 ) -> dict:
-    """Trains to cfg.train.total_steps (resuming from the latest checkpoint) and evaluates."""
+    """Trains to cfg.train.total_steps (resuming from the latest checkpoint) and evaluates.
+
+    `stop_at` ends this run early with a checkpoint, as a preemption would (tests use it).
+    """
     setup = build_setup(cfg, workdir)
     settings = setup.settings
     ckpt = checkpoint.Checkpointer(
@@ -219,11 +226,10 @@ def train_and_evaluate(
         out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
         donate_argnums=0,
     )
-    writer = tb_writer.TensorBoardWriter(
-        os.path.join(workdir, "tensorboard"), enabled=jax.process_index() == 0
-    )
+    writer = open_writer(workdir)
     meta = {"config": json.loads(cfg.to_json_best_effort()), "group_sources": plan}
     total = cfg.train.total_steps
+    last = total if stop_at is None else min(stop_at, total)
     images_per_step = settings.num_groups * settings.images_per_group
     step = int(state.step)
     report: dict = {}
@@ -231,7 +237,7 @@ def train_and_evaluate(
     window_start, window_first = time.perf_counter(), step
     start_step = step
     try:
-        while step < total:
+        while step < last:
             batch = sharding.host_batch_to_global(next(data_iter), setup.mesh)
             state, metrics = step_fn(state, batch)
             step += 1
@@ -262,7 +268,7 @@ def train_and_evaluate(
                 scalars = {f"train/{k}": v for k, v in means.items()}
                 scalars["train/images_per_sec"] = rate
                 writer.write_scalars(step, scalars)
-            if step % cfg.train.checkpoint_every_steps == 0 or step == total:
+            if step % cfg.train.checkpoint_every_steps == 0 or step in (total, last):
                 ckpt.save(step, state, data_iter, meta, force=True)
             if do_eval and (step % cfg.train.eval_every_steps == 0 or step == total):
                 report = run_eval(setup, state.params, step, writer)
@@ -275,13 +281,15 @@ def train_and_evaluate(
     finally:
         ckpt.wait()
         writer.close()
-    if do_eval and not report:
-        report = run_eval(setup, state.params, step, writer_or_null(workdir))
+    if do_eval and not report and step == total:  # resumed a finished run: evaluate it again
+        writer = open_writer(workdir)
+        report = run_eval(setup, state.params, step, writer)
+        writer.close()
     ckpt.close()
     return report
 
 
-def writer_or_null(workdir: str) -> Any:
+def open_writer(workdir: str) -> Any:
     return tb_writer.TensorBoardWriter(
         os.path.join(workdir, "tensorboard"), enabled=jax.process_index() == 0
     )
@@ -301,7 +309,7 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
             f"no checkpoint in {ckpt.directory}: train first (--mode train) or fix --workdir"
         )
     state = ckpt.restore(step, setup.abstract_state)
-    writer = writer_or_null(workdir)
+    writer = open_writer(workdir)
     try:
         return run_eval(setup, state.params, step, writer)
     finally:

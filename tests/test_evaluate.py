@@ -1,0 +1,270 @@
+"""Tests for slide inference, mIoU and the eval JSON (SPEC 7) against plain-numpy references."""
+
+import json
+import os
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests import reference
+
+try:
+    import larvseg_jax.models.interp  # noqa: F401
+except ModuleNotFoundError:  # TODO(#interp): drop once models/interp.py lands.
+
+    def _resize_bilinear(x, out_hw):
+        shape = (*x.shape[:-3], *out_hw, x.shape[-1])
+        return jax.image.resize(x, shape, "bilinear", antialias=False)
+
+    sys.modules["larvseg_jax.models.interp"] = types.SimpleNamespace(
+        resize_bilinear=_resize_bilinear
+    )
+
+from larvseg_jax import evaluate, visualize
+
+N = 5
+RATE = 4  # fake model: logits at 1/4 of the window, like a coarse feature grid
+PROJ = np.random.default_rng(0).normal(size=(3, N)).astype(np.float32)
+
+
+@jax.jit
+def fake_predict(images):
+    """[1, h, w, 3] -> [1, h/4, w/4, N]: average-pooled pixels times a fixed projection."""
+    b, h, w, c = images.shape
+    pooled = images.reshape(b, h // RATE, RATE, w // RATE, RATE, c).mean((2, 4))
+    return pooled @ PROJ
+
+
+def fake_predict_np(images):
+    b, h, w, c = images.shape
+    pooled = images.reshape(b, h // RATE, RATE, w // RATE, RATE, c).mean((2, 4))
+    return pooled.astype(np.float64) @ PROJ
+
+
+def slide_reference(image, crop, stride):
+    """Plain-numpy accumulate / divide over the SPEC 7.2 windows, written with loops."""
+    height, width = image.shape[:2]
+    acc = np.zeros((height, width, N))
+    count = np.zeros((height, width, 1))
+    for y1, y2, x1, x2 in evaluate.slide_windows(height, width, crop, stride):
+        logits = fake_predict_np(image[None, y1:y2, x1:x2])
+        acc[y1:y2, x1:x2] += reference.upsample(logits, (y2 - y1, x2 - x1))[0]
+        count[y1:y2, x1:x2] += 1
+    return acc / count
+
+
+@pytest.mark.parametrize(
+    "hw, crop, stride, expected",
+    [
+        ((512, 683), 512, 512, [(0, 512, 0, 512), (0, 512, 171, 683)]),
+        ((300, 400), 512, 512, [(0, 300, 0, 400)]),
+        ((1100, 512), 512, 512, [(0, 512, 0, 512), (512, 1024, 0, 512), (588, 1100, 0, 512)]),
+        ((512, 1024), 512, 341, [(0, 512, 0, 512), (0, 512, 341, 853), (0, 512, 512, 1024)]),
+        ((512, 512), (512, 512), (512, 512), [(0, 512, 0, 512)]),
+    ],
+)
+def test_slide_windows_matches_hand_computed_grid(hw, crop, stride, expected):
+    assert evaluate.slide_windows(*hw, crop, stride) == expected
+
+
+@pytest.mark.parametrize("hw", [(40, 52), (20, 30)])
+def test_slide_inference_matches_numpy_accumulate_divide(hw):
+    image = np.random.default_rng(1).normal(size=(*hw, 3)).astype(np.float32)
+    # Stride < crop so interior pixels are covered twice; (20, 30) has windows shorter than crop.
+    with jax.transfer_guard_device_to_host("disallow"):
+        out = evaluate.slide_inference(fake_predict, image, num_classes=N, crop=24, stride=16)
+    assert isinstance(out, jax.Array) and out.shape == (*hw, N)
+    np.testing.assert_allclose(
+        np.asarray(out), slide_reference(image, 24, 16), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_whole_inference_is_one_resized_forward():
+    image = np.random.default_rng(2).normal(size=(32, 48, 3)).astype(np.float32)
+    out = evaluate.slide_inference(
+        fake_predict, image, num_classes=N, crop=24, stride=16, mode="whole"
+    )
+    want = reference.upsample(fake_predict_np(image[None]), (32, 48))[0]
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+
+
+def test_slide_inference_rejects_wrong_class_count():
+    with pytest.raises(ValueError, match="predict_fn must return"):
+        evaluate.slide_inference(
+            fake_predict, np.zeros((24, 24, 3)), num_classes=7, crop=24, stride=24
+        )
+
+
+@pytest.mark.parametrize("max_elements", [2**28, 23 * 17 * 3, 1])
+def test_predict_labels_is_argmax_of_resized_logits(max_elements):
+    logits = np.random.default_rng(3).normal(size=(10, 12, 7)).astype(np.float32)
+    want = reference.upsample(logits[None].astype(np.float64), (23, 17))[0].argmax(-1)
+    got = evaluate.predict_labels(jnp.asarray(logits), (23, 17), max_elements=max_elements)
+    assert got.dtype == jnp.int32 and got.shape == (23, 17)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def miou_reference(preds, gts, num_classes):
+    """Per-class IoU (fraction, NaN when union is 0) and pixel accuracy, by explicit loops."""
+    inter, union, gt_total, correct = np.zeros(num_classes), np.zeros(num_classes), 0, 0
+    for pred, gt in zip(preds, gts):
+        valid = gt != -1
+        gt_total += valid.sum()
+        correct += (valid & (pred == gt)).sum()
+        for c in range(num_classes):
+            p, g = valid & (pred == c), valid & (gt == c)
+            inter[c] += (p & g).sum()
+            union[c] += (p | g).sum()
+    with np.errstate(invalid="ignore"):
+        return inter / union, correct / gt_total
+
+
+def random_pairs(rng, num, num_classes=6):
+    """Class 4 never occurs (NaN); class 5 is predicted but never in the GT (IoU 0)."""
+    preds, gts = [], []
+    for _ in range(num):
+        gt = rng.choice([-1, 0, 1, 2, 3], size=(9, 11), p=[0.2, 0.3, 0.2, 0.2, 0.1])
+        pred = np.where(
+            rng.random(gt.shape) < 0.6,
+            np.maximum(gt, 0),
+            rng.choice([0, 1, 2, 3, 5], size=gt.shape),
+        )
+        preds.append(pred.astype(np.int32))
+        gts.append(gt.astype(np.int32))
+    return preds, gts
+
+
+def test_miou_matches_numpy_reference_with_absent_and_false_positive_classes():
+    names = ["a", "b", "c", "d", "e", "f"]
+    preds, gts = random_pairs(np.random.default_rng(4), 4)
+    totals = sum(np.stack(evaluate.class_histograms(p, g, 6)) for p, g in zip(preds, gts))
+    assert totals.dtype == np.int64
+    inter, pred_area, gt_area = totals
+    report = evaluate.miou_report(
+        inter,
+        pred_area + gt_area - inter,
+        gt_area,
+        class_names=names,
+        base_names=["a", "c", "e"],
+        novel_names=["b", "d", "f"],
+    )
+    iou, acc = miou_reference(preds, gts, 6)
+    assert np.isnan(iou[4]) and iou[5] == 0
+    assert report["per_class_iou"]["e"] is None and report["per_class_iou"]["f"] == 0.0
+    np.testing.assert_allclose(report["miou"], 100 * np.nanmean(iou), rtol=1e-12)
+    np.testing.assert_allclose(report["miou_base"], 100 * np.nanmean(iou[[0, 2]]), rtol=1e-12)
+    np.testing.assert_allclose(report["miou_novel"], 100 * np.mean(iou[[1, 3, 5]]), rtol=1e-12)
+    np.testing.assert_allclose(report["pixel_acc"], 100 * acc, rtol=1e-12)
+    got = [report["per_class_iou"][n] for n in names]
+    np.testing.assert_allclose(np.array(got, float), 100 * iou, rtol=1e-12)
+    assert (report["num_classes"], report["num_base"], report["num_novel"]) == (6, 3, 3)
+
+
+def test_class_histograms_drop_ignore_and_reject_bad_ids():
+    gt = np.array([[0, -1], [1, 1]])
+    pred = np.array([[0, 2], [1, 0]])
+    inter, pred_area, gt_area = evaluate.class_histograms(pred, gt, 3)
+    np.testing.assert_array_equal(inter, [1, 1, 0])
+    np.testing.assert_array_equal(pred_area, [2, 1, 0])  # the pred 2 under ignore is dropped
+    np.testing.assert_array_equal(gt_area, [1, 2, 0])
+    with pytest.raises(ValueError, match="gt id 3"):
+        evaluate.class_histograms(pred, np.array([[0, 3], [1, 1]]), 3)
+    with pytest.raises(ValueError, match="pred id 7"):
+        evaluate.class_histograms(np.array([[7, 0], [1, 1]]), gt, 3)
+
+
+def test_miou_report_rejects_unknown_split_names():
+    with pytest.raises(ValueError, match="novel names not in class_names"):
+        evaluate.miou_report([1, 1], [2, 2], class_names=["a", "b"], novel_names=["z"])
+
+
+def constant_predict(images):
+    """Class 2 wins everywhere, whatever the input."""
+    h, w = images.shape[1] // RATE, images.shape[2] // RATE
+    return jnp.broadcast_to(-jnp.abs(jnp.arange(N) - 2.0), (1, h, w, N))
+
+
+def test_run_evaluation_writes_json_atomically_and_returns_panels(tmp_path):
+    rng = np.random.default_rng(5)
+    dataset = []
+    for i, (hw, hw0) in enumerate(
+        [((24, 32), (30, 40)), ((28, 24), (28, 24)), ((24, 24), (12, 12))]
+    ):
+        label = rng.integers(-1, 4, size=hw0).astype(np.int32)
+        raw = rng.integers(0, 256, size=(*hw0, 3), dtype=np.uint8)
+        image = rng.normal(size=(*hw, 3)).astype(np.float32)
+        dataset.append({"image": image, "label": label, "raw": raw, "id": f"im{i}"})
+    names = [f"c{k}" for k in range(N)]
+    colours = visualize.palette(N)
+    (tmp_path / "step_7.json").write_text("old")
+    result = evaluate.run_evaluation(
+        constant_predict,
+        dataset,
+        class_names=names,
+        base_names=["c0", "c2"],
+        novel_names=["c1", "c3", "c4"],
+        crop=24,
+        stride=16,
+        mode="slide",
+        step=7,
+        out_dir=tmp_path,
+        num_panels=2,
+        palette=colours,
+    )
+    assert sorted(os.listdir(tmp_path)) == ["step_7.json"]  # replaced, no temp file left behind
+    saved = json.loads((tmp_path / "step_7.json").read_text())
+    panels = result.pop("panels")
+    assert saved == result
+    expected_keys = {"step", "miou", "miou_base", "miou_novel", "pixel_acc", "per_class_iou"}
+    assert expected_keys | {"num_images", "num_classes", "num_base", "num_novel"} <= set(saved)
+    assert saved["step"] == 7 and saved["num_images"] == 3
+
+    gts = np.concatenate([d["label"].ravel() for d in dataset])
+    valid = gts != -1
+    iou2 = (gts == 2).sum() / valid.sum()  # everything predicted as class 2
+    assert saved["per_class_iou"] == {
+        "c0": 0.0,
+        "c1": 0.0,
+        "c2": pytest.approx(100 * iou2),
+        "c3": 0.0,
+        "c4": None,
+    }
+    assert saved["miou"] == pytest.approx(100 * iou2 / 4)
+    assert saved["miou_base"] == pytest.approx(100 * iou2 / 2)
+    assert saved["miou_novel"] == 0.0
+    assert saved["pixel_acc"] == pytest.approx(100 * iou2)
+
+    assert len(panels) == 2 and panels[0].shape == (30, 120, 3) and panels[1].shape == (28, 72, 3)
+    p, d = panels[0], dataset[0]
+    assert p.dtype == np.uint8
+    np.testing.assert_array_equal(p[:, :40], d["raw"])
+    np.testing.assert_array_equal(p[:, 40:80][d["label"] == -1], 0)
+    np.testing.assert_array_equal(
+        p[:, 40:80][d["label"] >= 0], colours[d["label"][d["label"] >= 0]]
+    )
+    np.testing.assert_array_equal(p[:, 80:], np.broadcast_to(colours[2], (30, 40, 3)))
+
+
+def test_write_json_atomic_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "step_1.json"
+    evaluate.write_json_atomic(path, {"miou": 1.0})
+    with pytest.raises(ValueError):
+        evaluate.write_json_atomic(path, {"miou": float("nan")})  # strict JSON: no NaN
+    assert json.loads(path.read_text()) == {"miou": 1.0}
+    assert os.listdir(tmp_path) == ["step_1.json"]
+
+
+def test_palette_is_deterministic_distinct_and_never_black():
+    colours = visualize.palette(847)
+    assert colours.shape == (847, 3) and colours.dtype == np.uint8
+    np.testing.assert_array_equal(colours, visualize.palette(847))
+    assert len({c.tobytes() for c in colours}) == 847
+    assert colours.max(-1).min() > 0
+    label = np.array([[0, -1], [846, 3]])
+    out = visualize.colorize(label, colours)
+    np.testing.assert_array_equal(out[0, 1], 0)
+    np.testing.assert_array_equal(out[1, 0], colours[846])
