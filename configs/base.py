@@ -66,6 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.data.num_workers = 0  # grain worker processes (0 = in-process)
     cfg.data.prefetch = 2  # host batches prepared ahead of the device
     cfg.data.eval_source = "syn_eval"  # evaluation set (full masks over base + novel)
+    cfg.data.base_from = ""  # source whose classes are "base" in eval; "" = the seg sources
     cfg.data.max_labels = 16  # static bound on classes per crop (CA pair lists, sampling)
 
     # Synthetic world knobs (larvseg_jax/data/synthetic.py documents each).

@@ -94,7 +94,10 @@ def build_vocabulary(cfg: ml_collections.ConfigDict, ddir: str) -> tuple[Vocabul
     infos = [source_meta(name, ddir) for name in cfg.data.sources]
     eval_info = source_meta(cfg.data.eval_source, ddir)
     union = vocab.build_union([i.class_names for i in infos] + [eval_info.class_names])
-    supervised = [n for i in infos if i.kind in SUPERVISED_KINDS for n in i.class_names]
+    if cfg.data.base_from:  # e.g. the supervised upper bound reports the paper's C171 split
+        supervised = list(source_meta(cfg.data.base_from, ddir).class_names)
+    else:
+        supervised = [n for i in infos if i.kind in SUPERVISED_KINDS for n in i.class_names]
     base, novel = vocab.base_novel_split(eval_info.class_names, supervised)
     voc = Vocabulary(
         union=union,
