@@ -16,6 +16,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 USER_ERRORS = (FileNotFoundError, PermissionError, ValueError, KeyError)
 
 
+def _quiet_libraries(record) -> bool:
+    """Keeps our INFO lines; from orbax, tfds and grain only warnings and errors."""
+    noisy = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/etils/")
+    return record.levelno >= 30 or not any(p in record.pathname for p in noisy)
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt  # a preemption (SIGTERM) saves a checkpoint like Ctrl-C
 
@@ -26,6 +32,7 @@ def main(argv):
     from larvseg_jax import train  # after flag parsing: jax reads XLA_FLAGS at import
 
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_quiet_libraries)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         if FLAGS.mode == "eval":

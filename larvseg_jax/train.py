@@ -166,7 +166,10 @@ def run_eval(setup: Setup, params: Any, step: int, writer: Any) -> dict:
         step, {f"eval/{k}": report[k] for k in ("miou", "miou_base", "miou_novel", "pixel_acc")}
     )
     if panels:
-        writer.write_images(step, {"eval/input_gt_prediction": np.stack(panels)})
+        # Panels keep each image's own size, so they are written one tag each.
+        writer.write_images(
+            step, {f"eval/input_gt_prediction/{i}": p for i, p in enumerate(panels)}
+        )
     writer.flush()
     return report
 
