@@ -56,5 +56,18 @@ def main(argv):
         )
 
 
+def parse_flags(argv):
+    """absl's parser, but a bad --config.key override is one line, not a traceback."""
+    try:
+        rest = FLAGS(argv)
+        FLAGS.config.keys()  # loads the config file now, so a missing file fails here
+        return rest
+    except (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError) as e:
+        text = str(e).replace("\\n", "\n").replace("\\'", "'")
+        text = " ".join(line.strip(" '\"") for line in text.splitlines() if line.strip(" '\""))
+        print(f"error: bad command line: {text}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
