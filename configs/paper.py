@@ -41,6 +41,7 @@ def paper_config(
     cfg.loss.basic_weights = tuple(basic_weights)
     cfg.loss.ca_weights = tuple(ca_weights) if ca_weights else tuple(0.0 for _ in sources)
     cfg.ca.enabled = ca_weights is not None
+    cfg.optim.lr = 1e-3
     cfg.train.total_steps = 320_000
     cfg.train.log_every_steps = 50
     cfg.train.checkpoint_every_steps = 8000
