@@ -262,7 +262,7 @@ def train_and_evaluate(
                     total,
                     means["loss"],
                     "  ".join(
-                        f"{k[5:]} {v:.4f}" for k, v in means.items() if k.startswith("loss_")
+                        f"{k} {v:.4f}" for k, v in means.items() if k.startswith(("loss_", "aux_"))
                     ),
                     means["lr"],
                     rate,
