@@ -42,7 +42,9 @@ def main(argv):
                 FLAGS.config, FLAGS.workdir, do_eval=FLAGS.mode == "train_and_eval"
             )
     except KeyboardInterrupt:
-        print("interrupted: a checkpoint was saved; run the same command to resume", file=sys.stderr)
+        print(
+            "interrupted: a checkpoint was saved; run the same command to resume", file=sys.stderr
+        )
         sys.exit(130)
     except (train.TrainingError, *USER_ERRORS) as e:
         if os.environ.get("LARVSEG_TRACEBACK"):

@@ -17,15 +17,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from larvseg_jax import ca_classifier, groups, sharding  # noqa: E402
-from larvseg_jax.experiment import SourceSpec, StepSettings  # noqa: E402
-from larvseg_jax.models import segmenter, vit  # noqa: E402
-from larvseg_jax.optim import make_optimizer  # noqa: E402
-from larvseg_jax.train_step import create_train_state, state_shardings, train_step  # noqa: E402
+from larvseg_jax import ca_classifier, groups, sharding
+from larvseg_jax.experiment import SourceSpec, StepSettings
+from larvseg_jax.models import segmenter, vit
+from larvseg_jax.optim import make_optimizer
+from larvseg_jax.train_step import create_train_state, state_shardings, train_step
 
 
 def build(args, with_ca):
@@ -37,8 +36,11 @@ def build(args, with_ca):
     plan = groups.group_sources(["weak", "seg"], [1, 1], args.groups)
     ca = ca_classifier.CASettings(memory_size=args.memory, topk=args.topk, max_labels=16)
     settings = StepSettings(
-        sources=sources, group_source_ids=tuple(["weak", "seg"].index(s) for s in plan),
-        images_per_group=args.batch, seg_normalize="all_pixels", downsample_rate=2,
+        sources=sources,
+        group_source_ids=tuple(["weak", "seg"].index(s) for s in plan),
+        images_per_group=args.batch,
+        seg_normalize="all_pixels",
+        downsample_rate=2,
         ca=ca if with_ca else None,
     )
     grid = (args.crop // vit.VARIANTS[args.variant]["patch_size"],) * 2
@@ -46,17 +48,20 @@ def build(args, with_ca):
         backbone=vit.vit_from_variant(args.variant, pos_grid=grid, drop_path_rate=0.1),
         num_classes=args.classes,
     )
-    tx, schedule = make_optimizer(lr=1e-3, end_lr=1e-5, power=0.9, momentum=0.9,
-                                  weight_decay=0.0, total_steps=1000)
+    tx, schedule = make_optimizer(
+        lr=1e-3, end_lr=1e-5, power=0.9, momentum=0.9, weight_decay=0.0, total_steps=1000
+    )
     mesh = sharding.make_mesh()
     state = create_train_state(jax.random.PRNGKey(0), model, tx, args.crop, settings)
     shard = state_shardings(state, mesh)
     state = jax.device_put(state, shard)
     fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, settings=settings, mesh=mesh,
-                          schedule=schedule),
+        functools.partial(
+            train_step, model=model, tx=tx, settings=settings, mesh=mesh, schedule=schedule
+        ),
         in_shardings=(shard, sharding.data_sharded(mesh)),
-        out_shardings=(shard, sharding.replicated(mesh)), donate_argnums=0,
+        out_shardings=(shard, sharding.replicated(mesh)),
+        donate_argnums=0,
     )
     return fn, state, plan, mesh, settings
 
@@ -73,7 +78,9 @@ def batch_for(args, plan, rng):
                 for b in range(args.batch):
                     for i in range(16):
                         y, x = divmod(i, 4)
-                        labels[g, b, y * cell:(y + 1) * cell, x * cell:(x + 1) * cell] = blocks[b, i % 6]
+                        labels[g, b, y * cell : (y + 1) * cell, x * cell : (x + 1) * cell] = blocks[
+                            b, i % 6
+                        ]
         out[name] = {"image": rng.normal(size=shape + (3,)).astype(np.float32), "label": labels}
     return out
 
@@ -106,18 +113,35 @@ def main():
             jax.block_until_ready(m)
             v["times"].append(time.perf_counter() - t0)
     images = args.groups * args.batch
-    common = {k: getattr(args, k) for k in ("variant", "crop", "groups", "batch", "classes", "topk", "memory")}
+    common = {
+        k: getattr(args, k)
+        for k in ("variant", "crop", "groups", "batch", "classes", "topk", "memory")
+    }
     common["device"] = jax.devices()[0].device_kind
     for name, v in variants.items():
         sec = float(np.median(v["times"]))
         bank = v["state"].bank
-        print(json.dumps({"name": f"step_{name}", **common, "seconds_per_step": sec,
-                          "images_per_sec": images / sec, "xla_gflop": v["flops"] / 1e9,
-                          "gflop_per_sec": v["flops"] / 1e9 / sec,
-                          "bank_bytes": int(sum(x.nbytes for x in jax.tree.leaves(bank)))
-                          if bank is not None else 0}))
+        print(
+            json.dumps(
+                {
+                    "name": f"step_{name}",
+                    **common,
+                    "seconds_per_step": sec,
+                    "images_per_sec": images / sec,
+                    "xla_gflop": v["flops"] / 1e9,
+                    "gflop_per_sec": v["flops"] / 1e9 / sec,
+                    "bank_bytes": int(sum(x.nbytes for x in jax.tree.leaves(bank)))
+                    if bank is not None
+                    else 0,
+                }
+            )
+        )
     ratios = [c / b for b, c in zip(variants["baseline"]["times"], variants["larvseg"]["times"])]
-    print(json.dumps({"name": "ca_overhead", **common, "larvseg_over_baseline": float(np.median(ratios))}))
+    print(
+        json.dumps(
+            {"name": "ca_overhead", **common, "larvseg_over_baseline": float(np.median(ratios))}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -61,8 +61,14 @@ def main() -> None:
             workdir = os.path.join(args.out, f"{config}_seed{seed}")
             start = time.time()
             report = run_one(config, seed, args.steps, args.lr, workdir)
-            row = {"setting": setting, "method": method, "config": config, "seed": seed,
-                   "steps": args.steps, "seconds": round(time.time() - start, 1)}
+            row = {
+                "setting": setting,
+                "method": method,
+                "config": config,
+                "seed": seed,
+                "steps": args.steps,
+                "seconds": round(time.time() - start, 1),
+            }
             row.update({k: report[k] for k in ("miou", "miou_base", "miou_novel")})
             print(json.dumps(row), flush=True)
             results.append(row)

@@ -108,7 +108,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ---- optimiser (SPEC 4) ----
     cfg.optim = ml_collections.ConfigDict()
-    cfg.optim.lr = 0.02  # SGD base lr (paper: 1e-3 from AugReg weights; the tiny ViT starts from scratch)
+    cfg.optim.lr = (
+        0.02  # SGD base lr (paper: 1e-3 from AugReg weights; the tiny ViT starts from scratch)
+    )
     cfg.optim.end_lr = 1e-5  # poly schedule floor
     cfg.optim.power = 0.9  # poly exponent
     cfg.optim.momentum = 0.9  # PyTorch-style heavy ball

@@ -10,6 +10,9 @@ from configs.paper import paper_config
 
 def get_config(arg=None):
     return paper_config(
-        arg, sources=("wa150", "c171", "i124"), ratio=(3, 3, 2), basic_weights=(0.2, 1.0, 0.2),
+        arg,
+        sources=("wa150", "c171", "i124"),
+        ratio=(3, 3, 2),
+        basic_weights=(0.2, 1.0, 0.2),
         eval_source="a150",
     )

@@ -14,8 +14,12 @@ from configs.paper import paper_config
 def get_config(arg=None):
     args = base.parse_args(arg, memory_size=20, topk=20)
     cfg = paper_config(
-        None, sources=("wa150", "c171"), ratio=(1, 1), basic_weights=(0.1, 1.0),
-        ca_weights=(0.1, 0.0), eval_source="a150",
+        None,
+        sources=("wa150", "c171"),
+        ratio=(1, 1),
+        basic_weights=(0.1, 1.0),
+        ca_weights=(0.1, 0.0),
+        eval_source="a150",
     )
     cfg.ca.memory_size = args.memory_size
     cfg.ca.topk = args.topk

@@ -19,8 +19,12 @@ def get_config(arg=None):
     if args.ca_on not in CA_WEIGHTS:
         raise ValueError(f"ca_on must be one of {sorted(CA_WEIGHTS)}, got {args.ca_on!r}")
     cfg = paper_config(
-        None, sources=("wa150", "c171", "i124"), ratio=(3, 3, 2), basic_weights=(0.2, 1.0, 0.2),
-        ca_weights=CA_WEIGHTS[args.ca_on], eval_source="a150",
+        None,
+        sources=("wa150", "c171", "i124"),
+        ratio=(3, 3, 2),
+        basic_weights=(0.2, 1.0, 0.2),
+        ca_weights=CA_WEIGHTS[args.ca_on],
+        eval_source="a150",
     )
     cfg.ca.topk = args.topk
     cfg.ca.bg_thresh = 0.35

@@ -10,8 +10,12 @@ from configs.paper import paper_config
 
 def get_config(arg=None):
     cfg = paper_config(
-        arg, sources=("wa847", "c171"), ratio=(1, 1), basic_weights=(0.2, 1.0),
-        ca_weights=(0.1, 0.0), eval_source="a847",
+        arg,
+        sources=("wa847", "c171"),
+        ratio=(1, 1),
+        basic_weights=(0.2, 1.0),
+        ca_weights=(0.1, 0.0),
+        eval_source="a847",
     )
     cfg.loss.sample_classes = 100
     return cfg

@@ -13,8 +13,12 @@ from configs.paper import paper_config
 def get_config(arg=None):
     args = base.parse_args(arg, mse=2.0)
     cfg = paper_config(
-        None, sources=("wa847", "c171", "i585"), ratio=(3, 3, 2), basic_weights=(0.2, 1.0, 0.2),
-        ca_weights=(0.1, 0.0, 0.1), eval_source="a847",
+        None,
+        sources=("wa847", "c171", "i585"),
+        ratio=(3, 3, 2),
+        basic_weights=(0.2, 1.0, 0.2),
+        ca_weights=(0.1, 0.0, 0.1),
+        eval_source="a847",
     )
     cfg.loss.sample_classes = 100
     cfg.ca.bg_thresh = 0.35

@@ -13,8 +13,12 @@ from configs.paper import paper_config
 def get_config(arg=None):
     args = base.parse_args(arg, topk=20)
     cfg = paper_config(
-        None, sources=("wa150", "c171"), ratio=(1, 1), basic_weights=(0.1, 1.0),
-        ca_weights=(0.1, 0.0), eval_source="a150",
+        None,
+        sources=("wa150", "c171"),
+        ratio=(1, 1),
+        basic_weights=(0.1, 1.0),
+        ca_weights=(0.1, 0.0),
+        eval_source="a150",
     )
     cfg.ca.single_image = True
     cfg.ca.memory_size = 1

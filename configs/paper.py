@@ -10,8 +10,16 @@ from collections.abc import Sequence
 from configs import base
 
 CROP = {"seg": 512, "weak": 512, "single": 320}  # SPEC 4: 512 crops, ImageNet 320
-KINDS = {"c171": "seg", "a150_seg": "seg", "a847_seg": "seg", "wa150": "weak", "wa847": "weak",
-         "i124": "single", "i585": "single", "i11k": "single"}
+KINDS = {
+    "c171": "seg",
+    "a150_seg": "seg",
+    "a847_seg": "seg",
+    "wa150": "weak",
+    "wa847": "weak",
+    "i124": "single",
+    "i585": "single",
+    "i11k": "single",
+}
 
 
 def paper_config(

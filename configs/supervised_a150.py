@@ -14,7 +14,10 @@ def get_config(arg=None):
     if args.dataset not in ("a150", "a847"):
         raise ValueError(f"dataset must be a150 or a847, got {args.dataset!r}")
     cfg = paper_config(
-        None, sources=(f"{args.dataset}_seg",), ratio=(1,), basic_weights=(1.0,),
+        None,
+        sources=(f"{args.dataset}_seg",),
+        ratio=(1,),
+        basic_weights=(1.0,),
         eval_source=args.dataset,
     )
     cfg.data.base_from = "c171"  # report base/novel with the paper's split

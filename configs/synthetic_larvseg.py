@@ -1,6 +1,6 @@
 """LarvSeg (baseline + CA-classifier) on the synthetic world: seg + multi-label + single-label.
 
-    python main.py --config configs/synthetic_larvseg.py --workdir runs/larvseg
+python main.py --config configs/synthetic_larvseg.py --workdir runs/larvseg
 """
 
 from configs import base

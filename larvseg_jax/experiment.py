@@ -15,6 +15,7 @@ from larvseg_jax.ca_classifier import CASettings
 from larvseg_jax.data import catalog
 from larvseg_jax.data import sources as data_sources
 from larvseg_jax.models import segmenter, vit
+from larvseg_jax.optim import make_optimizer
 
 SUPERVISED_KINDS = ("seg",)
 IMAGE_LEVEL_KINDS = ("weak", "single")
@@ -163,3 +164,15 @@ def build_model(cfg: ml_collections.ConfigDict, num_classes: int) -> segmenter.S
         dtype=dtype,
     )
     return segmenter.Segmenter(backbone=backbone, num_classes=num_classes, dtype=dtype)
+
+
+def build_optimizer(cfg: ml_collections.ConfigDict):
+    """SGD + poly schedule from cfg.optim over cfg.train.total_steps (SPEC 4)."""
+    return make_optimizer(
+        lr=cfg.optim.lr,
+        end_lr=cfg.optim.end_lr,
+        power=cfg.optim.power,
+        momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+        total_steps=cfg.train.total_steps,
+    )

@@ -17,7 +17,6 @@ from jax.experimental import multihost_utils
 from larvseg_jax import checkpoint, evaluate, experiment, groups, sharding, tb_writer
 from larvseg_jax.data import pipeline, synthetic
 from larvseg_jax.models import pretrained
-from larvseg_jax.optim import make_optimizer
 from larvseg_jax.train_step import TrainState, create_train_state, state_shardings, train_step
 
 
@@ -70,14 +69,7 @@ def build_setup(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
     mesh = sharding.make_mesh()
     groups.groups_per_device(settings.num_groups, mesh.devices.size)  # validates
     model = experiment.build_model(cfg, len(voc.union))
-    tx, schedule = make_optimizer(
-        lr=cfg.optim.lr,
-        end_lr=cfg.optim.end_lr,
-        power=cfg.optim.power,
-        momentum=cfg.optim.momentum,
-        weight_decay=cfg.optim.weight_decay,
-        total_steps=cfg.train.total_steps,
-    )
+    tx, schedule = experiment.build_optimizer(cfg)
     init = functools.partial(
         create_train_state,
         model=model,

@@ -17,9 +17,8 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from larvseg_jax import ca_classifier, losses, vocab
+from larvseg_jax import ca_classifier, losses, sharding, vocab
 from larvseg_jax.experiment import SourceSpec, StepSettings
-from larvseg_jax import sharding
 from larvseg_jax.sharding import DATA
 
 

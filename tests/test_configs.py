@@ -6,15 +6,14 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from larvseg_jax import experiment, sharding
-from larvseg_jax.optim import make_optimizer
 from larvseg_jax.train_step import create_train_state, train_step
 
 CONFIGS = sorted(
-    p.stem for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.py")
+    p.stem
+    for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.py")
     if p.stem not in ("__init__", "paper")
 )
 PAPER_SPLITS = {"a150": (58, 92), "a847": (92, 755)}
@@ -27,18 +26,19 @@ def build(name, arg=None, data_dir="/nonexistent"):
     return cfg, voc, settings
 
 
-@pytest.mark.parametrize("name", [c for c in CONFIGS if not c.startswith(("synthetic", "smoke", "base"))])
+@pytest.mark.parametrize(
+    "name", [c for c in CONFIGS if not c.startswith(("synthetic", "smoke", "base"))]
+)
 def test_paper_config_builds_model_and_step_abstractly(name):
     cfg, voc, settings = build(name)
     if cfg.data.eval_source in PAPER_SPLITS:
         assert (len(voc.base), len(voc.novel)) == PAPER_SPLITS[cfg.data.eval_source]
     model = experiment.build_model(cfg, len(voc.union))
-    tx, schedule = make_optimizer(lr=cfg.optim.lr, end_lr=cfg.optim.end_lr, power=cfg.optim.power,
-                                  momentum=cfg.optim.momentum, weight_decay=0.0,
-                                  total_steps=cfg.train.total_steps)
+    tx, schedule = experiment.build_optimizer(cfg)
     mesh = sharding.make_mesh()
-    init = functools.partial(create_train_state, model=model, tx=tx, image_size=32,
-                             settings=settings)
+    init = functools.partial(
+        create_train_state, model=model, tx=tx, image_size=32, settings=settings
+    )
     state = jax.eval_shape(init, jax.random.PRNGKey(0))
     g, b = settings.num_groups, settings.images_per_group
     batch = {
@@ -48,8 +48,9 @@ def test_paper_config_builds_model_and_step_abstractly(name):
         }
         for spec in settings.sources
     }
-    step = functools.partial(train_step, model=model, tx=tx, settings=settings, mesh=mesh,
-                             schedule=schedule)
+    step = functools.partial(
+        train_step, model=model, tx=tx, settings=settings, mesh=mesh, schedule=schedule
+    )
     new_state, metrics = jax.eval_shape(step, state, batch)
     assert jax.tree.map(lambda x: x.shape, new_state) == jax.tree.map(lambda x: x.shape, state)
     assert metrics["group_loss"].shape == (g,)

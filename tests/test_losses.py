@@ -111,9 +111,12 @@ def test_padding_columns_equal_deleting_them():
     np.testing.assert_allclose(np.asarray(masked)[..., mask], plain, rtol=1e-5, atol=1e-6)
     labels = rng.choice([0, 1, -1], size=(2, 3, 3))  # ids in the unpadded vocabulary
     padded_labels = np.where(labels >= 0, np.flatnonzero(mask)[np.maximum(labels, 0)], -1)
-    for fn in (lambda z, y, m: losses.seg_ce(z, y, class_mask=m),
-               lambda z, y, m: losses.image_level_ce(z, y, m)[0]):
+    for fn in (
+        lambda z, y, m: losses.seg_ce(z, y, class_mask=m),
+        lambda z, y, m: losses.image_level_ce(z, y, m)[0],
+    ):
         np.testing.assert_allclose(
             fn(masked, jnp.asarray(padded_labels), jnp.asarray(mask)),
-            fn(plain, jnp.asarray(labels), None), rtol=1e-5,
+            fn(plain, jnp.asarray(labels), None),
+            rtol=1e-5,
         )

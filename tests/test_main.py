@@ -16,7 +16,11 @@ def run_main(*args, devices=8, check=True):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     proc = subprocess.run(
         [sys.executable, "main.py", "--config", "configs/smoke.py", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -35,19 +39,33 @@ def test_train_and_eval_writes_checkpoints_tensorboard_and_json(trained):
     assert "mIoU" in proc.stdout
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
     report = json.loads((workdir / "eval" / "step_6.json").read_text())
-    for key in ("step", "miou", "miou_base", "miou_novel", "pixel_acc", "per_class_iou",
-                "num_images"):
+    for key in (
+        "step",
+        "miou",
+        "miou_base",
+        "miou_novel",
+        "pixel_acc",
+        "per_class_iou",
+        "num_images",
+    ):
         assert key in report
     assert report["step"] == 6 and report["num_images"] == 4
     assert "ETA" in proc.stderr and "img/s" in proc.stderr
 
     from tensorboard.backend.event_processing import event_accumulator
 
-    acc = event_accumulator.EventAccumulator(str(workdir / "tensorboard"),
-                                             size_guidance={"tensors": 0, "images": 0})
+    acc = event_accumulator.EventAccumulator(
+        str(workdir / "tensorboard"), size_guidance={"tensors": 0, "images": 0}
+    )
     acc.Reload()
     tags = set(acc.Tags()["tensors"])
-    assert {"train/loss", "train/lr", "train/images_per_sec", "eval/miou", "eval/miou_novel"} <= tags
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/images_per_sec",
+        "eval/miou",
+        "eval/miou_novel",
+    } <= tags
     assert any(t.startswith("train/loss_syn_") for t in tags)
     assert any(t.startswith("eval/input_gt_prediction") for t in acc.Tags()["images"])
 

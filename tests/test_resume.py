@@ -21,8 +21,9 @@ def final_state(cfg, workdir, devices=None):
         target = checkpoint.abstract_with_shardings(abstract, state_shardings(abstract, mesh))
     else:
         target = setup.abstract_state
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=3,
-                                   save_every_steps=1)
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=3, save_every_steps=1
+    )
     state = ckpt.restore(ckpt.latest_step(), target)
     ckpt.close()
     return jax.device_get(state)
