@@ -146,3 +146,20 @@ def test_without_background_suppression_attention_is_one_half():
     bank = ca.init_bank(jax.random.PRNGKey(4), C, 1, 2, D)
     _, _, pairs, _ = run_jax(bank, embed, score, labels, logits, cfg)
     assert not np.any(np.asarray(pairs["a"]))
+
+
+def test_fix_flags_change_only_what_they_name():
+    """B2: cold (never wrapped) background classes are skipped; B4: constant maps survive mse."""
+    n = 4
+    s_vocab = np.tile(np.linspace(-1, 1, 16)[:, None], (1, n))
+    s_vocab[:, 2] = 0.3  # a constant column: unbiased z-score is 0/0 without epsilon
+    s_vocab[:, 3] = -s_vocab[:, 0]  # anti-correlated with the foreground
+    args = (jnp.asarray(s_vocab), jnp.asarray(s_vocab[:, 0]), jnp.int32(0),
+            jnp.asarray([True, False, False, False]), jnp.int32(1), jnp.ones(n),
+            jnp.asarray([1, 1, 1, 0]))
+    faithful = ca.background_mask(*args, ca.CASettings(bg_thresh=0.2, bg_mse_thresh=0.5))
+    assert np.asarray(faithful).tolist() == [False, False, False, True]  # NaN drops class 2
+    nan_safe = ca.background_mask(*args, ca.CASettings(bg_mse_thresh=0.5, nan_safe_mse=True))
+    assert np.asarray(nan_safe).tolist() == [False, False, True, True]
+    cold = ca.background_mask(*args, ca.CASettings(bg_mse_thresh=0.5, mask_cold_background=True))
+    assert np.asarray(cold).tolist() == [False, False, False, False]  # class 3 never wrapped
