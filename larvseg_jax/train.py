@@ -12,9 +12,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from PIL import Image
 from jax.experimental import multihost_utils
 
-from larvseg_jax import checkpoint, evaluate, experiment, groups, sharding, tb_writer
+from larvseg_jax import (
+    ca_visualize,
+    checkpoint,
+    evaluate,
+    experiment,
+    groups,
+    sharding,
+    tb_writer,
+)
 from larvseg_jax.data import pipeline, synthetic
 from larvseg_jax.models import pretrained
 from larvseg_jax.train_step import TrainState, create_train_state, state_shardings, train_step
@@ -123,8 +132,10 @@ def make_predict_fn(setup: Setup, params: Any):
     return lambda images: predict(params, jax.device_put(images, device))
 
 
-def run_eval(setup: Setup, params: Any, step: int, writer: Any) -> dict:
+def run_eval(setup: Setup, state: TrainState, step: int, writer: Any) -> dict:
+    """mIoU JSON + TensorBoard scalars and panels; CA attention panels when there is a bank."""
     cfg = setup.cfg
+    params = state.params
     dataset = pipeline.make_eval_dataset(
         cfg.data,
         data_dir=setup.data_dir,
@@ -162,8 +173,36 @@ def run_eval(setup: Setup, params: Any, step: int, writer: Any) -> dict:
         writer.write_images(
             step, {f"eval/input_gt_prediction/{i}": p for i, p in enumerate(panels)}
         )
+    if state.bank is not None and cfg.eval.num_panels:
+        write_attention_panels(setup, state, step, writer, dataset)
     writer.flush()
     return report
+
+
+def write_attention_panels(setup: Setup, state: TrainState, step: int, writer, dataset) -> None:
+    """Image | class mask | CA attention, from the bank of the first CA group (PNG + TB)."""
+    groups_with_ca = [
+        g for g, s in enumerate(setup.settings.group_source_ids)
+        if setup.settings.sources[s].ca_weight
+    ]
+    if not groups_with_ca:
+        return
+    bank = jax.tree.map(lambda x: np.asarray(x[groups_with_ca[0]]), state.bank)
+    panels = ca_visualize.attention_panels(
+        setup.model, jax.device_get(state.params), bank, dataset, setup.voc.eval_index,
+        list(setup.voc.eval_names), setup.settings.ca, max_panels=setup.cfg.eval.num_panels,
+    )
+    if not panels:
+        return
+    writer.write_images(step, {f"eval/ca_attention/{t}": p for t, p in panels})
+    width = max(p.shape[1] for _, p in panels)
+    sheet = np.concatenate(
+        [np.pad(p, ((0, 2), (0, width - p.shape[1]), (0, 0))) for _, p in panels]
+    )
+    scale = max(1, 192 // max(p.shape[0] for _, p in panels))  # tiny synthetic images: enlarge
+    sheet = sheet.repeat(scale, 0).repeat(scale, 1)
+    path = os.path.join(setup.workdir, "eval", f"ca_attention_step_{step}.png")
+    Image.fromarray(sheet).save(path)
 
 
 def _check_finite(metrics: dict, first: int, last: int) -> None:
@@ -266,7 +305,7 @@ def train_and_evaluate(
             if step % cfg.train.checkpoint_every_steps == 0 or step in (total, last):
                 ckpt.save(step, state, data_iter, meta, force=True)
             if do_eval and (step % cfg.train.eval_every_steps == 0 or step == total):
-                report = run_eval(setup, state.params, step, writer)
+                report = run_eval(setup, state, step, writer)
     except KeyboardInterrupt:
         logging.warning("interrupted at step %d: saving a checkpoint before exiting", step)
         if step > start_step:
@@ -278,7 +317,7 @@ def train_and_evaluate(
         writer.close()
     if do_eval and not report and step == total:  # resumed a finished run: evaluate it again
         writer = open_writer(workdir)
-        report = run_eval(setup, state.params, step, writer)
+        report = run_eval(setup, state, step, writer)
         writer.close()
     ckpt.close()
     return report
@@ -306,7 +345,7 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     state = ckpt.restore(step, setup.abstract_state)
     writer = open_writer(workdir)
     try:
-        return run_eval(setup, state.params, step, writer)
+        return run_eval(setup, state, step, writer)
     finally:
         writer.close()
         ckpt.close()

@@ -1,0 +1,78 @@
+"""What the CA-classifier attends to: image | class mask | attention map, per (image, class).
+
+Runs the trained model on evaluation images, scores each ground-truth class against one
+virtual device's memory bank exactly as the attentive loss does (SPEC 2.4 steps 1-3, labels from
+the full ground truth), and draws A = sigmoid(upsampled z-scored S_fg - S_bg) as a heat map.
+"""
+
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from larvseg_jax import ca_classifier
+from larvseg_jax.models import interp
+
+
+def _heat(att: np.ndarray) -> np.ndarray:
+    """[H, W] in [0, 1] -> uint8 [H, W, 3], dark blue (ignored) to yellow (attended)."""
+    a = np.clip(att, 0.0, 1.0)[..., None]
+    low, high = np.array([20, 20, 90]), np.array([255, 230, 40])
+    return (low + a * (high - low)).astype(np.uint8)
+
+
+def attention_panels(
+    model: Any,
+    params: Any,
+    bank: ca_classifier.Bank,
+    dataset: Iterable[dict],
+    cls_index: np.ndarray,
+    class_names: list[str],
+    ca: ca_classifier.CASettings,
+    max_panels: int = 4,
+) -> list[tuple[str, np.ndarray]]:
+    """(title, uint8 [H, 3W, 3]) panels: resized input | GT mask of the class | attention.
+
+    Args:
+      bank: one group's bank (no leading group axis).
+      dataset: eval dicts with "image" [H, W, 3] (normalised, resized), "label" [H0, W0], "raw".
+      cls_index: [N] union rows of the evaluation vocabulary.
+    """
+    index = jnp.asarray(cls_index)
+
+    @jax.jit
+    def attention(image, present):
+        _, aux = model.apply({"params": params}, image[None], index, train=False)
+        h, w, n = aux["score"].shape[1:]
+        score = aux["score"].reshape(h * w, n)
+        top = jnp.mean(jax.lax.top_k(score.T, min(ca.bg_topk, h * w))[0], axis=-1)
+        maps = []
+        for label in range(n):  # static loop; only present classes are drawn
+            a, _ = ca_classifier.attention_logit(
+                aux["embed"].reshape(h * w, -1), bank.means, index, jnp.int32(label), present,
+                jnp.sum(present), top, bank.full[index], ca,
+            )
+            maps.append(a.reshape(h, w, 1))
+        a = jnp.stack(maps)  # [N, h, w, 1]
+        return jax.nn.sigmoid(interp.resize_bilinear(a, image.shape[:2]))[..., 0]
+
+    panels = []
+    for example in dataset:
+        label = np.asarray(example["label"])
+        image = np.asarray(example["image"], np.float32)
+        small = np.asarray(interp.resize_nearest_torch(jnp.asarray(label), image.shape[:2]))
+        present = np.zeros(len(class_names), bool)
+        present[np.unique(small[small >= 0])] = True
+        if not present.any():
+            continue
+        att = np.asarray(attention(jnp.asarray(image), jnp.asarray(present)))
+        raw = np.asarray(jax.image.resize(example["raw"], image.shape[:2] + (3,), "linear"))
+        for c in np.flatnonzero(present):
+            mask = np.where(small == c, 255, 40).astype(np.uint8)[..., None].repeat(3, -1)
+            panel = np.concatenate([raw.astype(np.uint8), mask, _heat(att[c])], axis=1)
+            panels.append((f"{example['id']}/{class_names[c]}", panel))
+            if len(panels) >= max_panels:
+                return panels
+    return panels
