@@ -96,3 +96,10 @@ def test_unwritable_workdir_is_one_line_error(tmp_path):
     proc = run_main("--workdir", str(blocker / "sub"), check=False)
     assert proc.returncode == 1 and "not writable" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_larvseg_run_writes_attention_panels(tmp_path):
+    run_main("--workdir", str(tmp_path), "--config.ca.enabled=True", "--config.ca.memory_size=1",
+             "--config.ca.topk=4", "--config.ca.warm_up=0")
+    assert (tmp_path / "eval" / "ca_attention_step_6.png").stat().st_size > 0
+    assert json.loads((tmp_path / "eval" / "step_6.json").read_text())["num_images"] == 4
