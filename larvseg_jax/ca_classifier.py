@@ -203,7 +203,14 @@ def scan_pairs(
             bank = enqueue(bank, row, fg_feats, ok)
         return bank, dict(debug, a=a, warm=warm & ok)
 
-    bank, out = jax.lax.scan(visit, bank, (b_idx, labels.reshape(-1), valid.reshape(-1)))
+    def skip(bank, xs):  # padding pair: no score, no write (lax.cond runs only one branch)
+        shapes = jax.eval_shape(visit, bank, xs)[1]
+        return bank, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def step(bank, xs):
+        return jax.lax.cond(xs[2], visit, skip, bank, xs)
+
+    bank, out = jax.lax.scan(step, bank, (b_idx, labels.reshape(-1), valid.reshape(-1)))
     out = jax.tree.map(lambda x: x.reshape(labels.shape + x.shape[1:]), out)
     return bank, dict(out, label=labels, valid=valid)
 

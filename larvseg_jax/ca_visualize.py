@@ -51,8 +51,15 @@ def attention_panels(
         maps = []
         for label in range(n):  # static loop; only present classes are drawn
             a, _ = ca_classifier.attention_logit(
-                aux["embed"].reshape(h * w, -1), bank.means, index, jnp.int32(label), present,
-                jnp.sum(present), top, bank.full[index], ca,
+                aux["embed"].reshape(h * w, -1),
+                bank.means,
+                index,
+                jnp.int32(label),
+                present,
+                jnp.sum(present),
+                top,
+                bank.full[index],
+                ca,
             )
             maps.append(a.reshape(h, w, 1))
         a = jnp.stack(maps)  # [N, h, w, 1]

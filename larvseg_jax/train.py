@@ -182,15 +182,22 @@ def run_eval(setup: Setup, state: TrainState, step: int, writer: Any) -> dict:
 def write_attention_panels(setup: Setup, state: TrainState, step: int, writer, dataset) -> None:
     """Image | class mask | CA attention, from the bank of the first CA group (PNG + TB)."""
     groups_with_ca = [
-        g for g, s in enumerate(setup.settings.group_source_ids)
+        g
+        for g, s in enumerate(setup.settings.group_source_ids)
         if setup.settings.sources[s].ca_weight
     ]
     if not groups_with_ca:
         return
     bank = jax.tree.map(lambda x: np.asarray(x[groups_with_ca[0]]), state.bank)
     panels = ca_visualize.attention_panels(
-        setup.model, jax.device_get(state.params), bank, dataset, setup.voc.eval_index,
-        list(setup.voc.eval_names), setup.settings.ca, max_panels=setup.cfg.eval.num_panels,
+        setup.model,
+        jax.device_get(state.params),
+        bank,
+        dataset,
+        setup.voc.eval_index,
+        list(setup.voc.eval_names),
+        setup.settings.ca,
+        max_panels=setup.cfg.eval.num_panels,
     )
     if not panels:
         return

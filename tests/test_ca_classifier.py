@@ -154,9 +154,15 @@ def test_fix_flags_change_only_what_they_name():
     s_vocab = np.tile(np.linspace(-1, 1, 16)[:, None], (1, n))
     s_vocab[:, 2] = 0.3  # a constant column: unbiased z-score is 0/0 without epsilon
     s_vocab[:, 3] = -s_vocab[:, 0]  # anti-correlated with the foreground
-    args = (jnp.asarray(s_vocab), jnp.asarray(s_vocab[:, 0]), jnp.int32(0),
-            jnp.asarray([True, False, False, False]), jnp.int32(1), jnp.ones(n),
-            jnp.asarray([1, 1, 1, 0]))
+    args = (
+        jnp.asarray(s_vocab),
+        jnp.asarray(s_vocab[:, 0]),
+        jnp.int32(0),
+        jnp.asarray([True, False, False, False]),
+        jnp.int32(1),
+        jnp.ones(n),
+        jnp.asarray([1, 1, 1, 0]),
+    )
     faithful = ca.background_mask(*args, ca.CASettings(bg_thresh=0.2, bg_mse_thresh=0.5))
     assert np.asarray(faithful).tolist() == [False, False, False, True]  # NaN drops class 2
     nan_safe = ca.background_mask(*args, ca.CASettings(bg_mse_thresh=0.5, nan_safe_mse=True))

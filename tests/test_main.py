@@ -99,7 +99,13 @@ def test_unwritable_workdir_is_one_line_error(tmp_path):
 
 
 def test_larvseg_run_writes_attention_panels(tmp_path):
-    run_main("--workdir", str(tmp_path), "--config.ca.enabled=True", "--config.ca.memory_size=1",
-             "--config.ca.topk=4", "--config.ca.warm_up=0")
+    run_main(
+        "--workdir",
+        str(tmp_path),
+        "--config.ca.enabled=True",
+        "--config.ca.memory_size=1",
+        "--config.ca.topk=4",
+        "--config.ca.warm_up=0",
+    )
     assert (tmp_path / "eval" / "ca_attention_step_6.png").stat().st_size > 0
     assert json.loads((tmp_path / "eval" / "step_6.json").read_text())["num_images"] == 4
