@@ -85,6 +85,12 @@ def _zscore(x: jax.Array, *, ddof: int, eps: float) -> jax.Array:
     return (x - jnp.mean(x, 0)) / jnp.sqrt(jnp.var(x, 0, ddof=ddof) + eps)
 
 
+def top_score_mean(score: jax.Array, k: int) -> jax.Array:
+    """[..., P, N] raw scores -> [..., N] mean of each class's top-k pixel scores (bg candidates)."""
+    k = min(k, score.shape[-2])
+    return jnp.mean(jax.lax.top_k(jnp.swapaxes(score, -1, -2), k)[0], axis=-1)
+
+
 def background_mask(
     s_vocab: jax.Array,
     s_fg: jax.Array,
@@ -175,8 +181,7 @@ def scan_pairs(
       "label" [B, L], "valid" [B, L], "warm" [B, L] (+ "s_fg", "s_bg", "bg_mask" for tests).
     """
     labels, valid, n_labels = pair_list(present, cfg.max_labels)
-    k = min(cfg.bg_topk, score.shape[1])
-    top_mean = jnp.mean(jax.lax.top_k(jnp.swapaxes(score, 1, 2), k)[0], axis=-1)  # [B, N]
+    top_mean = top_score_mean(score, cfg.bg_topk)  # [B, N]
     if class_mask is not None:  # padding columns never become background candidates
         top_mean = jnp.where(class_mask, top_mean, -jnp.inf)
     b_idx = jnp.repeat(jnp.arange(labels.shape[0]), cfg.max_labels)

@@ -47,23 +47,27 @@ def attention_panels(
         _, aux = model.apply({"params": params}, image[None], index, train=False)
         h, w, n = aux["score"].shape[1:]
         score = aux["score"].reshape(h * w, n)
-        top = jnp.mean(jax.lax.top_k(score.T, min(ca.bg_topk, h * w))[0], axis=-1)
-        maps = []
-        for label in range(n):  # static loop; only present classes are drawn
+        top = ca_classifier.top_score_mean(score, ca.bg_topk)
+        # Only the image's classes (padded to max_labels), not the whole vocabulary: an
+        # [N, h*w, N] map stack would not fit for A847.
+        labels, _, _ = ca_classifier.pair_list(present[None], ca.max_labels)
+
+        def one(label):
             a, _ = ca_classifier.attention_logit(
                 aux["embed"].reshape(h * w, -1),
                 bank.means,
                 index,
-                jnp.int32(label),
+                label,
                 present,
                 jnp.sum(present),
                 top,
                 bank.full[index],
                 ca,
             )
-            maps.append(a.reshape(h, w, 1))
-        a = jnp.stack(maps)  # [N, h, w, 1]
-        return jax.nn.sigmoid(interp.resize_bilinear(a, image.shape[:2]))[..., 0]
+            return a.reshape(h, w, 1)
+
+        a = jax.vmap(one)(labels[0])  # [L, h, w, 1]
+        return labels[0], jax.nn.sigmoid(interp.resize_bilinear(a, image.shape[:2]))[..., 0]
 
     panels = []
     for example in dataset:
@@ -74,11 +78,12 @@ def attention_panels(
         present[np.unique(small[small >= 0])] = True
         if not present.any():
             continue
-        att = np.asarray(attention(jnp.asarray(image), jnp.asarray(present)))
+        labels, att = attention(jnp.asarray(image), jnp.asarray(present))
+        labels, att = np.asarray(labels), np.asarray(att)
         raw = np.asarray(jax.image.resize(example["raw"], image.shape[:2] + (3,), "linear"))
-        for c in np.flatnonzero(present):
+        for j, c in enumerate(labels[: present.sum()]):
             mask = np.where(small == c, 255, 40).astype(np.uint8)[..., None].repeat(3, -1)
-            panel = np.concatenate([raw.astype(np.uint8), mask, _heat(att[c])], axis=1)
+            panel = np.concatenate([raw.astype(np.uint8), mask, _heat(att[j])], axis=1)
             panels.append((f"{example['id']}/{class_names[c]}", panel))
             if len(panels) >= max_panels:
                 return panels
