@@ -2,14 +2,19 @@
 
 SPEC 2.4 (cross-image) and 2.5 (single-image). The bank is functional state: `Bank` plus pure
 functions, carried in the train state, one bank per virtual device (group), never synchronised.
-Pairs (image b, present label l) are visited by a `lax.scan` in the official loop order (b
-ascending, then l ascending), so a class seen twice in one batch scores its second image against
-the first image's freshly enqueued features, exactly as the reference does.
 
-Scores against the bank are mean cosines over the M*K stored unit vectors; since both sides are
-unit vectors, mean_j <f, v_j> = <f, mean_j v_j>, so the bank keeps each class's mean vector
-(`means`, recomputed for the written row on every enqueue) and a pair costs one
-[h*w, D] x [D, N] product instead of reading the whole bank.
+The official code visits the pairs (image b, present label l) one by one (b ascending, then l
+ascending): score the image against the bank, then enqueue its top-K pixels. This module computes
+the same numbers for all pairs at once:
+  * what a pair enqueues (top-K pixels by raw score) does not depend on the bank, so every write
+    is known up front, and the j-th write of a class in the batch lands in slot (ptr + j) % M;
+  * scores are mean cosines over the M*K unit vectors of a class, i.e. dot products with the
+    class mean, so the bank a pair sees is the step's initial class means plus the mean changes
+    of the writes before it in loop order (a [T, T] "seen" mask over the T = B * max_labels
+    pairs); a class seen twice in one batch scores its second image against the first image's
+    features, as in the reference.
+Scores therefore read only the per-slot means `slot_means` [C, M, D]; the full features `feats`
+are write-only here (one scatter per step) and kept because they are SPEC's bank state.
 """
 
 import dataclasses
@@ -25,10 +30,19 @@ ZSCORE_EPS = 1e-5
 
 
 class Bank(NamedTuple):
-    feats: jax.Array  # [C, M, K, D] unit top-K pixel features, M FIFO slots per union class
+    feats: jax.Array | None  # [C, M, K, D] unit top-K pixel features, M FIFO slots per class
+    slot_means: jax.Array  # [C, M, D] mean over K of each slot: all scores read only these
     ptr: jax.Array  # [C] int32 next slot to overwrite
     full: jax.Array  # [C] int32 completed passes over the M slots (warm-up reads this)
-    means: jax.Array  # [C, D] mean of feats over (M, K), kept in sync with feats
+
+
+class Writes(NamedTuple):
+    """One step's enqueues, in loop order: pair t puts feats[t] into slot slots[t] of rows[t]."""
+
+    rows: jax.Array  # [T] int32 union rows; C (out of range) for padding pairs
+    slots: jax.Array  # [T] int32
+    feats: jax.Array  # [T, K, D]
+    survives: jax.Array  # [T] bool: not overwritten by a later write of this step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,22 +69,43 @@ def init_bank(
     feats = jax.random.normal(rng, (num_classes, memory_size, topk, dim), dtype)
     feats = feats / jnp.linalg.norm(feats, axis=-1, keepdims=True)
     zeros = jnp.zeros((num_classes,), jnp.int32)
-    return Bank(feats, zeros, zeros, jnp.mean(feats, axis=(1, 2)))
+    return Bank(feats, jnp.mean(feats, axis=2), zeros, zeros)
 
 
-def enqueue(bank: Bank, row: jax.Array, slot_feats: jax.Array, valid: jax.Array) -> Bank:
-    """Writes [K, D] features into slot ptr[row] of class `row` (FIFO) if `valid`."""
-    m = bank.feats.shape[1]
-    slot = bank.ptr[row]
-    old_row = bank.feats[row]
-    new_row = jnp.where(valid, old_row.at[slot].set(slot_feats.astype(old_row.dtype)), old_row)
-    wrapped = valid & (slot == m - 1)
+def class_means(bank: Bank) -> jax.Array:
+    """[C, D] mean of each class's M*K bank vectors: <f, mean> is the mean cosine to the bank."""
+    return jnp.mean(bank.slot_means, axis=1)
+
+
+def enqueue(bank: Bank, writes: Writes) -> Bank:
+    """Applies a step's writes: FIFO pointers and wrap counts advance, surviving slots change.
+
+    Kept out of `attend` so that the train step can run it once, in place, on every group's
+    bank after the per-group scan instead of moving whole banks through it.
+    """
+    num_rows, m = bank.slot_means.shape[:2]
+    n_writes = jnp.zeros((num_rows,), jnp.int32).at[writes.rows].add(1, mode="drop")
+    target = (jnp.where(writes.survives, writes.rows, num_rows), writes.slots)
+    new_means = jnp.mean(writes.feats, axis=1).astype(bank.slot_means.dtype)
+    feats = bank.feats
+    if feats is not None:
+        feats = feats.at[target].set(
+            writes.feats.astype(feats.dtype), mode="drop", unique_indices=True
+        )
     return Bank(
-        feats=bank.feats.at[row].set(new_row),
-        ptr=bank.ptr.at[row].set(jnp.where(valid, (slot + 1) % m, slot)),
-        full=bank.full.at[row].add(wrapped.astype(jnp.int32)),
-        means=bank.means.at[row].set(jnp.mean(new_row, axis=(0, 1))),
+        feats=feats,
+        slot_means=bank.slot_means.at[target].set(new_means, mode="drop", unique_indices=True),
+        ptr=(bank.ptr + n_writes) % m,
+        full=bank.full + (bank.ptr + n_writes) // m,
     )
+
+
+def no_writes(bank: Bank, num_pairs: int, topk: int) -> Writes:
+    """The `Writes` of a group that enqueues nothing (a segmentation group, a CA-off source)."""
+    num_rows, _, dim = bank.slot_means.shape
+    rows = jnp.full((num_pairs,), num_rows, jnp.int32)
+    feats = jnp.zeros((num_pairs, topk, dim), bank.slot_means.dtype)
+    return Writes(rows, jnp.zeros_like(rows), feats, jnp.zeros((num_pairs,), bool))
 
 
 def pair_list(present: jax.Array, max_labels: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -81,8 +116,9 @@ def pair_list(present: jax.Array, max_labels: int) -> tuple[jax.Array, jax.Array
     return labels.astype(jnp.int32), valid, count
 
 
-def _zscore(x: jax.Array, *, ddof: int, eps: float) -> jax.Array:
-    return (x - jnp.mean(x, 0)) / jnp.sqrt(jnp.var(x, 0, ddof=ddof) + eps)
+def _zscore(x: jax.Array, *, ddof: int, eps: float, axis: int = 0) -> jax.Array:
+    mean = jnp.mean(x, axis, keepdims=True)
+    return (x - mean) / jnp.sqrt(jnp.var(x, axis, ddof=ddof, keepdims=True) + eps)
 
 
 def top_score_mean(score: jax.Array, k: int) -> jax.Array:
@@ -91,76 +127,42 @@ def top_score_mean(score: jax.Array, k: int) -> jax.Array:
     return jnp.mean(jax.lax.top_k(jnp.swapaxes(score, -1, -2), k)[0], axis=-1)
 
 
-def background_mask(
+def single_label_background(
     s_vocab: jax.Array,
     s_fg: jax.Array,
     label: jax.Array,
-    present: jax.Array,
-    n_labels: jax.Array,
     top_mean: jax.Array,
     bank_full: jax.Array,
     cfg: CASettings,
 ) -> jax.Array:
-    """[N] bool background classes of one pair (SPEC 2.4 step 2).
+    """[N] bool background classes of a single-label image's pair (SPEC 2.4 step 2).
 
-    Multi-label image: every other ground-truth class. Single-label image: classes whose mean of
-    the top-5 raw pixel scores exceeds bg_thresh, minus the label, filtered by the decorrelation
-    test mse(z(S_fg), z(S_bg_c)) > bg_mse_thresh with unbiased std and no epsilon (a constant
-    map gives NaN and is dropped, SPEC B4).
+    Classes whose mean of the top-5 raw pixel scores exceeds bg_thresh, minus the label, filtered
+    by the decorrelation test mse(z(S_fg), z(S_c)) > bg_mse_thresh with unbiased std and no
+    epsilon (a constant map gives NaN and is dropped, SPEC B4).
+
+    Args:
+      s_vocab: [P, N] bank scores of every class; s_fg: [P] the label's; label: [] local id.
+      top_mean: [N] mean top-5 raw score per class; bank_full: [N] wrap counters (fix B2).
     """
-    not_label = jnp.arange(s_vocab.shape[-1]) != label
-    multi = present & not_label
-    candidates = (top_mean > cfg.bg_thresh) & not_label
+    candidates = (top_mean > cfg.bg_thresh) & (jnp.arange(s_vocab.shape[-1]) != label)
     eps = ZSCORE_EPS if cfg.nan_safe_mse else 0.0
     z_fg = _zscore(s_fg[:, None], ddof=1, eps=eps)
     mse = jnp.mean((z_fg - _zscore(s_vocab, ddof=1, eps=eps)) ** 2, axis=0)
-    single = candidates & (mse > cfg.bg_mse_thresh)
-    mask = jnp.where(n_labels > 1, multi, single)
+    mask = candidates & (mse > cfg.bg_mse_thresh)
     if cfg.mask_cold_background:
         mask = mask & (bank_full > 0)
     return mask
 
 
-def attention_logit(
-    embed: jax.Array,
-    bank_means: jax.Array,
-    cls_index: jax.Array,
-    label: jax.Array,
-    present: jax.Array,
-    n_labels: jax.Array,
-    top_mean: jax.Array,
-    bank_full: jax.Array,
-    cfg: CASettings,
-) -> tuple[jax.Array, dict]:
-    """z-scored S_fg - S_bg over the pixels of one image, before upsampling and sigmoid.
-
-    Args:
-      embed: [P, D] unit pixel embeddings (P = h*w); bank_means: [C, D].
-      cls_index: [N] union rows of the vocabulary; label: [] local id of the pair's class.
-      present: [N] bool classes of the image; n_labels: [] their count.
-      top_mean: [N] mean top-5 raw score per class; bank_full: [N] wrap counters.
-
-    Returns:
-      a [P] and debug values {"s_fg" [P], "s_bg" [P], "bg_mask" [N]}.
-    """
-    f = embed / jnp.linalg.norm(embed, axis=-1, keepdims=True)
-    s_vocab = f @ bank_means[cls_index].T  # [P, N] mean cosine to each class's bank
-    s_fg = s_vocab[:, label]
-    if cfg.background:
-        mask = background_mask(s_vocab, s_fg, label, present, n_labels, top_mean, bank_full, cfg)
-        count = jnp.sum(mask)
-        s_bg = jnp.where(
-            count > 0, jnp.sum(jnp.where(mask, s_vocab, 0.0), -1) / jnp.maximum(count, 1), 1 - s_fg
-        )
-        d = s_fg - s_bg
-        a = _zscore(d, ddof=0, eps=ZSCORE_EPS)
-    else:  # SPEC B1: the official code z-scores a singleton axis, which is all zeros.
-        s_bg, mask = jnp.zeros_like(s_fg), jnp.zeros_like(present)
-        a = jnp.zeros_like(s_fg)
-    return a, {"s_fg": s_fg, "s_bg": s_bg, "bg_mask": mask}
+def _masked_mean(values: jax.Array, mask: jax.Array, fallback: jax.Array) -> jax.Array:
+    """Mean of values[..., P, X] over X where mask[..., X]; `fallback` [..., P] if none."""
+    count = jnp.sum(mask, -1)[..., None]
+    total = jnp.einsum("...px,...x->...p", values, mask.astype(values.dtype))
+    return jnp.where(count > 0, total / jnp.maximum(count, 1), fallback)
 
 
-def scan_pairs(
+def attend(
     bank: Bank,
     embed: jax.Array,
     score: jax.Array,
@@ -168,56 +170,126 @@ def scan_pairs(
     cls_index: jax.Array,
     cfg: CASettings,
     class_mask: jax.Array | None = None,
-) -> tuple[Bank, dict]:
-    """Visits every (image, label) pair in loop order: score against the bank, then enqueue.
+) -> tuple[Writes, dict]:
+    """Every (image, label) pair of one group: its attention logits and what it enqueues.
 
     Args:
-      embed: [B, P, D] unit pixel embeddings; score: [B, P, N] raw cosine scores (stop-grad).
-      present: [B, N] image-level labels; cls_index: [N] union rows.
+      bank: this group's bank at the step start (read only; `feats` is never read).
+      embed: [B, P, D] unit pixel embeddings; score: [B, P, N] raw cosine scores (both
+        stop-gradient here). present: [B, N] image-level labels; cls_index: [N] union rows.
       class_mask: [N] bool, False for padding columns of a sampled vocabulary.
 
     Returns:
-      the updated bank and per-pair arrays [B, L, ...]: "a" [B, L, P] attention logits,
-      "label" [B, L], "valid" [B, L], "warm" [B, L] (+ "s_fg", "s_bg", "bg_mask" for tests).
+      the step's writes (apply them with `enqueue`) and per-pair arrays [B, L, ...]: "a" [B, L, P]
+      attention logits (z-scored S_fg - S_bg, before upsampling), "label", "valid", "warm", and
+      "s_fg", "s_bg" [B, L, P], "bg_mask" [B, L, N] for tests.
     """
+    embed, score = jax.lax.stop_gradient((embed, score))
+    dtype = bank.slot_means.dtype
+    num_rows, m = bank.slot_means.shape[:2]
     labels, valid, n_labels = pair_list(present, cfg.max_labels)
-    top_mean = top_score_mean(score, cfg.bg_topk)  # [B, N]
-    if class_mask is not None:  # padding columns never become background candidates
-        top_mean = jnp.where(class_mask, top_mean, -jnp.inf)
-    b_idx = jnp.repeat(jnp.arange(labels.shape[0]), cfg.max_labels)
+    b, l = labels.shape
+    t = b * l
+    rows = cls_index[labels].reshape(t)
+    ok = valid.reshape(t)
 
-    def visit(bank, xs):
-        b, label, ok = xs
-        row = cls_index[label]
-        fg_feats = embed[b][jax.lax.top_k(score[b][:, label], cfg.topk)[1]]  # [K, D]
-        if cfg.single_image:
-            bank = enqueue(bank, row, fg_feats, ok)
-        warm = bank.full[row] >= cfg.warm_up
-        a, debug = attention_logit(
-            embed[b],
-            bank.means,
-            cls_index,
-            label,
-            present[b],
-            n_labels[b],
-            top_mean[b],
-            bank.full[cls_index],
-            cfg,
+    # What each pair enqueues: the K pixels scoring highest on its label (bank-independent).
+    fg_raw = jnp.swapaxes(jnp.take_along_axis(score, labels[:, None, :], axis=2), 1, 2)
+    top = jax.lax.top_k(fg_raw, cfg.topk)[1]  # [B, L, K]
+    new_feats = jax.vmap(lambda e, i: e[i])(embed, top).astype(dtype)  # [B, L, K, D]
+    new_means = jnp.mean(new_feats, axis=2).reshape(t, -1)
+
+    # Where: the j-th write of a class in loop order goes to slot (ptr + j) % M.
+    same = (rows[:, None] == rows[None]) & ok[:, None] & ok[None]  # [T, T]
+    earlier = jnp.tril(jnp.ones((t, t), bool), -1)
+    rank = jnp.sum(same & earlier, 1)
+    slots = (bank.ptr[rows] + rank) % m
+    survives = ok & (rank >= jnp.sum(same, 1) - m)  # not overwritten later in this batch
+    # What it replaces: the slot's content at the step start, or this batch's write M earlier.
+    replaced = (same & (rank[None] == rank[:, None] - m)).astype(dtype)
+    old = jnp.where((rank >= m)[:, None], replaced @ new_means, bank.slot_means[rows, slots])
+    delta = jnp.where(ok[:, None], (new_means - old) / m, 0.0)  # change of the class mean
+
+    # The bank each pair sees: the writes before it (and its own in single-image mode).
+    seen = (earlier | jnp.eye(t, dtype=bool)) if cfg.single_image else earlier
+    seen = seen & ok[None]
+    of_column = rows[:, None] == cls_index[None]  # [T, N] write t changes column n
+    writes_seen = seen.astype(jnp.int32) @ of_column.astype(jnp.int32)  # [T, N]
+    full_seen = bank.full[cls_index] + (bank.ptr[cls_index] + writes_seen) // m  # [T, N]
+    warm = (jnp.take_along_axis(full_seen, labels.reshape(t, 1), 1)[:, 0] >= cfg.warm_up) & ok
+
+    f = embed / jnp.linalg.norm(embed, axis=-1, keepdims=True)
+    f = f.astype(dtype)
+    base = jnp.einsum("bpd,nd->bpn", f, class_means(bank)[cls_index])  # [B, P, N] step start
+    gain = jnp.einsum("bpd,td->bpt", f, delta)  # [B, P, T] score change by each write
+    seen = seen.reshape(b, l, t)
+    # Scores of each pair against its image's own labels: [B, L, P, L'].
+    label_of_write = rows.reshape(b, l)[:, :, None] == rows[None, None]  # [B, L', T]
+    s_labels = jnp.take_along_axis(base, labels[:, None, :], axis=2)[:, None] + jnp.einsum(
+        "bpt,bkjt->bkpj", gain, (seen[:, :, None] & label_of_write[:, None]).astype(dtype)
+    )
+    s_fg = jnp.moveaxis(jnp.diagonal(s_labels, axis1=1, axis2=3), -1, 1)  # [B, L, P]
+    if cfg.background:
+        full_seen = full_seen.reshape(b, l, -1)  # [B, L, N]
+        cold_ok = (full_seen > 0) if cfg.mask_cold_background else jnp.ones_like(full_seen, bool)
+        # Scores of each image against the whole vocabulary, seeing all earlier images' writes
+        # (and in single-image mode its first label's): the bank of its first pair.
+        s_first = base + jnp.einsum(
+            "bpt,btn->bpn", gain, (seen[:, 0, :, None] & of_column[None]).astype(dtype)
         )
-        if not cfg.single_image:
-            bank = enqueue(bank, row, fg_feats, ok)
-        return bank, dict(debug, a=a, warm=warm & ok)
+        # Multi-label image: every other ground-truth class is background. Its visited labels
+        # are scored above; labels past max_labels are never written this step, so their bank
+        # is the one the image's first pair sees.
+        multi = valid[:, None, :] & ~jnp.eye(l, dtype=bool)[None]  # [B, L, L']
+        multi = multi & jnp.take_along_axis(
+            cold_ok, jnp.broadcast_to(labels[:, None], multi.shape), 2
+        )
+        visited = jax.vmap(lambda c, v: jnp.zeros(present.shape[-1], bool).at[c].max(v))(
+            labels, valid
+        )
+        unvisited = present & ~visited & cold_ok[:, 0]  # [B, N]
+        count = jnp.sum(multi, -1) + jnp.sum(unvisited, -1)[:, None]  # [B, L]
+        total = (
+            jnp.einsum("bkpj,bkj->bkp", s_labels, multi.astype(dtype))
+            + jnp.einsum("bpn,bn->bp", s_first, unvisited.astype(dtype))[:, None]
+        )
+        s_bg_multi = jnp.where(
+            count[..., None] > 0, total / jnp.maximum(count, 1)[..., None], 1 - s_fg
+        )
+        # Single-label image (one pair, l = 0): thresholded candidates from the whole vocabulary.
+        top_mean = top_score_mean(score, cfg.bg_topk)  # [B, N]
+        if class_mask is not None:  # padding columns never become background candidates
+            top_mean = jnp.where(class_mask, top_mean, -jnp.inf)
+        full_first = full_seen[:, 0]
+        single = jax.vmap(single_label_background, in_axes=(0, 0, 0, 0, 0, None))(
+            s_first, s_fg[:, 0], labels[:, 0], top_mean, full_first, cfg
+        )  # [B, N]
+        s_bg_single = _masked_mean(s_first, single, 1 - s_fg[:, 0])
+        is_multi = (n_labels > 1)[:, None, None]
+        s_bg = jnp.where(is_multi, s_bg_multi, s_bg_single[:, None])
+        bg_multi = present[:, None] & (jnp.arange(present.shape[-1]) != labels[..., None])
+        bg_multi = bg_multi & cold_ok
+        bg_mask = jnp.where(is_multi, bg_multi, single[:, None])
+        a = _zscore(s_fg - s_bg, ddof=0, eps=ZSCORE_EPS, axis=-1)
+    else:  # SPEC B1: the official code z-scores a singleton axis, which is all zeros.
+        s_bg = jnp.zeros_like(s_fg)
+        bg_mask = jnp.zeros((b, l, present.shape[-1]), bool)
+        a = jnp.zeros_like(s_fg)
+    a = jnp.where(valid[..., None], a, 0.0)
 
-    def skip(bank, xs):  # padding pair: no score, no write (lax.cond runs only one branch)
-        shapes = jax.eval_shape(visit, bank, xs)[1]
-        return bank, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-    def step(bank, xs):
-        return jax.lax.cond(xs[2], visit, skip, bank, xs)
-
-    bank, out = jax.lax.scan(step, bank, (b_idx, labels.reshape(-1), valid.reshape(-1)))
-    out = jax.tree.map(lambda x: x.reshape(labels.shape + x.shape[1:]), out)
-    return bank, dict(out, label=labels, valid=valid)
+    writes = Writes(
+        jnp.where(ok, rows, num_rows), slots, new_feats.reshape(t, cfg.topk, -1), survives
+    )
+    pairs = {
+        "a": a,
+        "label": labels,
+        "valid": valid,
+        "warm": warm.reshape(b, l),
+        "s_fg": s_fg,
+        "s_bg": s_bg,
+        "bg_mask": bg_mask,
+    }
+    return writes, pairs
 
 
 def attentive_ce(

@@ -2,7 +2,7 @@
 
 Runs the trained model on evaluation images, scores each ground-truth class against one
 virtual device's memory bank exactly as the attentive loss does (SPEC 2.4 steps 1-3, labels from
-the full ground truth), and draws A = sigmoid(upsampled z-scored S_fg - S_bg) as a heat map.
+the full ground truth, pairs in loop order), and draws A = sigmoid(upsampled z-scored S_fg - S_bg) as a heat map.
 """
 
 from collections.abc import Iterable
@@ -46,28 +46,17 @@ def attention_panels(
     def attention(image, present):
         _, aux = model.apply({"params": params}, image[None], index, train=False)
         h, w, n = aux["score"].shape[1:]
-        score = aux["score"].reshape(h * w, n)
-        top = ca_classifier.top_score_mean(score, ca.bg_topk)
-        # Only the image's classes (padded to max_labels), not the whole vocabulary: an
-        # [N, h*w, N] map stack would not fit for A847.
-        labels, _, _ = ca_classifier.pair_list(present[None], ca.max_labels)
-
-        def one(label):
-            a, _ = ca_classifier.attention_logit(
-                aux["embed"].reshape(h * w, -1),
-                bank.means,
-                index,
-                label,
-                present,
-                jnp.sum(present),
-                top,
-                bank.full[index],
-                ca,
-            )
-            return a.reshape(h, w, 1)
-
-        a = jax.vmap(one)(labels[0])  # [L, h, w, 1]
-        return labels[0], jax.nn.sigmoid(interp.resize_bilinear(a, image.shape[:2]))[..., 0]
+        # The training computation on a batch of one image; its writes are discarded.
+        _, pairs = ca_classifier.attend(
+            bank._replace(feats=None),
+            aux["embed"].reshape(1, h * w, -1),
+            aux["score"].reshape(1, h * w, n),
+            present[None],
+            index,
+            ca,
+        )
+        a = pairs["a"][0].reshape(-1, h, w, 1)  # [L, h, w, 1]
+        return pairs["label"][0], jax.nn.sigmoid(interp.resize_bilinear(a, image.shape[:2]))[..., 0]
 
     panels = []
     for example in dataset:

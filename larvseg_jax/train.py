@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from PIL import Image
 from jax.experimental import multihost_utils
+from PIL import Image
 
 from larvseg_jax import (
     ca_visualize,
@@ -188,7 +188,8 @@ def write_attention_panels(setup: Setup, state: TrainState, step: int, writer, d
     ]
     if not groups_with_ca:
         return
-    bank = jax.tree.map(lambda x: np.asarray(x[groups_with_ca[0]]), state.bank)
+    view = state.bank._replace(feats=None)  # scores read only the slot means
+    bank = jax.tree.map(lambda x: np.asarray(x[groups_with_ca[0]]), view)
     panels = ca_visualize.attention_panels(
         setup.model,
         jax.device_get(state.params),

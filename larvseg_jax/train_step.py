@@ -84,10 +84,12 @@ def group_loss(
 
     Args:
       images: [B, H, W, 3]; labels: [B, H, W] local class ids, IGNORE = -1.
-      bank: this group's memory bank (unbatched), or None without the CA-classifier.
+      bank: this group's memory bank at the step start (unbatched, read only; `feats` may be
+        None), or None without the CA-classifier.
 
     Returns:
-      the weighted loss and aux: "basic" and "aux" (unweighted losses) and "bank" (updated).
+      the weighted loss and aux: "basic" and "aux" (unweighted losses) and "writes" (what the
+      group enqueues; the caller applies them with `ca_classifier.enqueue`).
     """
     cls_index = jnp.asarray(spec.cls_index, jnp.int32)
     drop_rng, sample_rng = jax.random.split(rng)
@@ -107,6 +109,7 @@ def group_loss(
     feature_hw = logits.shape[1:3]
     logits, labels = losses.loss_grid_inputs(logits, labels, settings.downsample_rate)
     aux_loss = jnp.zeros((), jnp.float32)
+    writes = None
     if spec.kind == "seg":
         basic = losses.seg_ce(
             logits, labels, normalize=settings.seg_normalize, class_mask=class_mask
@@ -115,7 +118,7 @@ def group_loss(
         basic, info = losses.image_level_ce(logits, labels, class_mask)
         if bank is not None and spec.ca_weight:
             b, p = images.shape[0], feature_hw[0] * feature_hw[1]
-            bank, pairs = ca_classifier.scan_pairs(
+            writes, pairs = ca_classifier.attend(
                 bank,
                 head_aux["embed"].reshape(b, p, -1),
                 head_aux["score"].reshape(b, p, -1),
@@ -135,8 +138,12 @@ def group_loss(
                 num_pairs=info["num_pairs"],
                 class_mask=class_mask,
             )
+    if bank is not None and writes is None:  # same output structure on every switch branch
+        writes = ca_classifier.no_writes(
+            bank, images.shape[0] * settings.ca.max_labels, settings.ca.topk
+        )
     loss = spec.basic_weight * basic + spec.ca_weight * aux_loss
-    return loss, {"basic": basic, "aux": aux_loss, "bank": bank}
+    return loss, {"basic": basic, "aux": aux_loss, "writes": writes}
 
 
 def _device_loss(params, batch, banks, rng, *, model, settings, groups_per_device):
@@ -161,18 +168,19 @@ def _device_loss(params, batch, banks, rng, *, model, settings, groups_per_devic
             bank=bank,
         )
         onehot = jax.nn.one_hot(s, num_sources)
-        return loss, {"basic": onehot * aux["basic"], "aux": onehot * aux["aux"]}, aux["bank"]
+        per_source = {"basic": onehot * aux["basic"], "aux": onehot * aux["aux"]}
+        return loss, per_source, aux["writes"]
 
     branches = [functools.partial(branch, s) for s in range(num_sources)]
 
     def body(total, xs):
         source_id, g, group_batch, bank = xs
         key = jax.random.fold_in(rng, g)  # same key for group g on any device count
-        loss, per_source, bank = jax.lax.switch(source_id, branches, group_batch, bank, key)
+        loss, per_source, writes = jax.lax.switch(source_id, branches, group_batch, bank, key)
         counts = jax.nn.one_hot(source_id, num_sources)
-        return total + loss, (loss, per_source, counts, bank)
+        return total + loss, (loss, per_source, counts, writes)
 
-    total, (group_losses, per_source, counts, banks) = jax.lax.scan(
+    total, (group_losses, per_source, counts, writes) = jax.lax.scan(
         body, jnp.zeros((), jnp.float32), (local_ids, global_index, batch, banks)
     )
     sums = {
@@ -180,7 +188,7 @@ def _device_loss(params, batch, banks, rng, *, model, settings, groups_per_devic
         "aux_sum": per_source["aux"].sum(0),
         "count": counts.sum(0),
     }
-    return total / settings.num_groups, (sums, group_losses, banks)
+    return total / settings.num_groups, (sums, group_losses, writes)
 
 
 def train_step(
@@ -212,9 +220,14 @@ def train_step(
         fn = functools.partial(
             _device_loss, model=model, settings=settings, groups_per_device=groups_per_device
         )
-        (loss, (sums, group_losses, banks)), grads = jax.value_and_grad(fn, has_aux=True)(
-            params, local_batch, banks, rng
+        # The groups only read their banks (never the [C, M, K, D] features); the writes are
+        # applied once, in place, after the scan instead of moving whole banks through it.
+        view = None if banks is None else banks._replace(feats=None)
+        (loss, (sums, group_losses, writes)), grads = jax.value_and_grad(fn, has_aux=True)(
+            params, local_batch, view, rng
         )
+        if banks is not None:
+            banks = jax.vmap(ca_classifier.enqueue)(banks, writes)
         return jax.lax.psum((loss, sums, grads), DATA), group_losses, banks
 
     # check_vma=False: gradients stay per-device until the explicit psum (no implicit reduction).

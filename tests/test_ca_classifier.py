@@ -34,9 +34,10 @@ def random_step(rng, kinds):
 
 def run_jax(bank, embed, score, labels, logits, cfg):
     present = losses.present_classes(jnp.asarray(labels), N)
-    bank, pairs = ca.scan_pairs(
+    writes, pairs = ca.attend(
         bank, jnp.asarray(embed), jnp.asarray(score), present, jnp.asarray(CLS_INDEX), cfg
     )
+    bank = ca.enqueue(bank, writes)
     loss, ce = ca.attentive_ce(
         jnp.asarray(logits),
         pairs["a"],
@@ -49,68 +50,109 @@ def run_jax(bank, embed, score, labels, logits, cfg):
     return loss, bank, pairs, ce
 
 
-@pytest.mark.parametrize("single_image", [False, True])
-def test_several_steps_match_loop_reference(single_image):
+def settings(single_image, memory_size, warm_up, max_labels=4):
     cfg = ca.CASettings(
-        memory_size=1 if single_image else M,
+        memory_size=memory_size,
         topk=K,
-        warm_up=0 if single_image else 1,
+        warm_up=warm_up,
         bg_thresh=0.3,
         bg_mse_thresh=1.6,
-        max_labels=4,
+        max_labels=max_labels,
         single_image=single_image,
     )
     ref_cfg = {
-        "warm_up": cfg.warm_up,
+        "warm_up": warm_up,
         "topk": K,
         "bg_topk": 5,
         "bg_thresh": 0.3,
         "bg_mse_thresh": 1.6,
         "single_image": single_image,
     }
+    return cfg, ref_cfg
+
+
+def step_matches_reference(bank, batch, cfg, ref_cfg):
+    """One step of both implementations on the same bank; asserts equality, returns both banks."""
+    embed, score, labels, logits = batch
+    queue, ptr, full = (np.asarray(x) for x in (bank.feats, bank.ptr, bank.full))
+    loss, bank, pairs, ce = run_jax(bank, embed, score, labels, logits, cfg)
+    ref_loss, queue, ptr, full, ref_pairs = reference.ca_reference(
+        queue, ptr, full, embed, score, labels, logits, CLS_INDEX, ref_cfg
+    )
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(bank.feats, queue, atol=1e-12)
+    np.testing.assert_array_equal(bank.ptr, ptr)
+    np.testing.assert_array_equal(bank.full, full)
+    np.testing.assert_allclose(bank.slot_means, queue.mean(axis=2), atol=1e-12)
+    seen = set()
+    slot = {}
+    for info in ref_pairs:
+        j = slot[info["b"]] = slot.get(info["b"], -1) + 1
+        b = info["b"]
+        assert int(pairs["label"][b, j]) == info["l"]
+        assert bool(pairs["warm"][b, j]) == bool(info["warm"]) or cfg.single_image
+        np.testing.assert_allclose(ce[b, j], info["term"], rtol=1e-9, atol=1e-12)
+        if "a" in info:
+            seen.add("warm")
+            np.testing.assert_allclose(pairs["s_fg"][b, j], info["s_fg"], atol=1e-12)
+            np.testing.assert_allclose(pairs["a"][b, j], info["a"], rtol=1e-8, atol=1e-9)
+            np.testing.assert_array_equal(np.nonzero(pairs["bg_mask"][b, j])[0], info["bg"])
+            multi = len(set(labels[b].ravel()) - {-1}) > 1
+            seen.add("multi_bg" if multi else ("kept_bg" if info["bg"] else "fallback"))
+    return bank, seen
+
+
+@pytest.mark.parametrize("single_image", [False, True])
+def test_several_steps_match_loop_reference(single_image):
+    cfg, ref_cfg = settings(single_image, 1 if single_image else M, 0 if single_image else 1)
     rng = np.random.default_rng(0)
+    seen = set()
     with jax.enable_x64(True):
         bank = ca.init_bank(jax.random.PRNGKey(0), C, cfg.memory_size, K, D, jnp.float64)
-        queue, ptr, full = (np.asarray(x) for x in bank[:3])
-        seen_warm = seen_fallback = seen_multi_bg = seen_kept_bg = False
         for step in range(8):
             kinds = ["multi", "single", "single"] if step % 2 else ["single", "multi", "multi"]
-            embed, score, labels, logits = random_step(rng, kinds)
-            loss, bank, pairs, ce = run_jax(bank, embed, score, labels, logits, cfg)
-            ref_loss, queue, ptr, full, ref_pairs = reference.ca_reference(
-                queue, ptr, full, embed, score, labels, logits, CLS_INDEX, ref_cfg
-            )
-            np.testing.assert_allclose(loss, ref_loss, rtol=1e-9, atol=1e-12)
-            np.testing.assert_allclose(bank.feats, queue, atol=1e-12)
-            np.testing.assert_array_equal(bank.ptr, ptr)
-            np.testing.assert_array_equal(bank.full, full)
-            np.testing.assert_allclose(bank.means, queue.mean(axis=(1, 2)), atol=1e-12)
-            slot = {}
-            for info in ref_pairs:
-                j = slot[info["b"]] = slot.get(info["b"], -1) + 1
-                b = info["b"]
-                assert int(pairs["label"][b, j]) == info["l"]
-                np.testing.assert_allclose(ce[b, j], info["term"], rtol=1e-9, atol=1e-12)
-                if "a" in info:
-                    seen_warm = True
-                    np.testing.assert_allclose(pairs["a"][b, j], info["a"], rtol=1e-8, atol=1e-9)
-                    np.testing.assert_array_equal(np.nonzero(pairs["bg_mask"][b, j])[0], info["bg"])
-                    multi = (labels[b] >= 0).any() and len(set(labels[b].ravel()) - {-1}) > 1
-                    seen_multi_bg |= multi
-                    seen_kept_bg |= (not multi) and bool(info["bg"])
-                    seen_fallback |= not info["bg"]
-        assert (seen_warm, seen_fallback, seen_multi_bg, seen_kept_bg) == (True,) * 4
+            bank, step_seen = step_matches_reference(bank, random_step(rng, kinds), cfg, ref_cfg)
+            seen |= step_seen
+    assert seen == {"warm", "fallback", "multi_bg", "kept_bg"}
 
 
-def test_pointer_wraps_after_m_writes_and_counts_wraps():
-    bank = ca.init_bank(jax.random.PRNGKey(1), 3, 4, 2, 5)
-    feats = jnp.ones((2, 5)) / np.sqrt(5)
+@pytest.mark.parametrize("single_image", [False, True])
+def test_a_class_wrapping_twice_within_one_batch_matches_loop_reference(single_image):
+    """9 images all holding class 1, M = 4: later writes overwrite this step's earlier ones, and
+    every image scores against the features the images before it enqueued."""
+    cfg, ref_cfg = settings(single_image, memory_size=4, warm_up=0)
+    rng = np.random.default_rng(1)
+    embed, score, labels, logits = random_step(rng, ["single", "multi", "single"] * 3)
     for i in range(9):
-        bank = ca.enqueue(bank, jnp.int32(1), feats * (i + 1), jnp.bool_(True))
-    assert int(bank.ptr[1]) == 9 % 4 and int(bank.full[1]) == 2
-    assert int(bank.ptr[0]) == 0 and int(bank.full[0]) == 0
-    bank2 = ca.enqueue(bank, jnp.int32(1), feats, jnp.bool_(False))  # padded pair: no write
-    jax.tree.map(np.testing.assert_array_equal, bank2, bank)
+        if not (labels[i] == 1).any():
+            labels[i, -1, -1] = 1
+    with jax.enable_x64(True):
+        bank = ca.init_bank(jax.random.PRNGKey(5), C, 4, K, D, jnp.float64)
+        for _ in range(2):  # the second step starts from a bank wrapped mid-batch
+            bank, _ = step_matches_reference(bank, (embed, score, labels, logits), cfg, ref_cfg)
+    row = CLS_INDEX[1]
+    assert int(bank.ptr[row]) == 18 % 4 and int(bank.full[row]) == 18 // 4
+
+
+def test_labels_past_max_labels_are_still_background():
+    """An image with more classes than max_labels: its unvisited classes count as background."""
+    cfg, ref_cfg = settings(False, memory_size=1, warm_up=0, max_labels=2)
+    rng = np.random.default_rng(2)
+    embed, score, labels, logits = random_step(rng, ["multi"])
+    labels[0] = np.arange(labels[0].size).reshape(labels[0].shape) % 4  # 4 classes, 2 visited
+    with jax.enable_x64(True):
+        bank = ca.init_bank(jax.random.PRNGKey(6), C, 1, K, D, jnp.float64)
+        queue, ptr, full = (np.asarray(x) for x in (bank.feats, bank.ptr, bank.full))
+        _, _, pairs, _ = run_jax(bank, embed, score, labels, logits, cfg)
+    ref_pairs = reference.ca_reference(
+        queue, ptr, full, embed, score, labels, logits, CLS_INDEX, ref_cfg
+    )[-1]
+    assert len(ref_pairs) == 4
+    for j in range(2):  # the visited pairs see the same bank and the same 3 background classes
+        assert len(ref_pairs[j]["bg"]) == 3
+        np.testing.assert_array_equal(np.nonzero(pairs["bg_mask"][0, j])[0], ref_pairs[j]["bg"])
+        np.testing.assert_allclose(pairs["s_bg"][0, j], ref_pairs[j]["s_bg"], atol=1e-12)
+        np.testing.assert_allclose(pairs["a"][0, j], ref_pairs[j]["a"], rtol=1e-8, atol=1e-9)
 
 
 def test_aux_is_zero_until_the_class_has_wrapped_once():
@@ -121,9 +163,7 @@ def test_aux_is_zero_until_the_class_has_wrapped_once():
     for step in range(4):
         embed = reference.l2n(rng.normal(size=(1, SIDE * SIDE, D)))
         score = np.tanh(rng.normal(size=(1, SIDE * SIDE, N)))
-        loss, bank, pairs, _ = run_jax(
-            bank, embed, score, labels, rng.normal(size=(1, 8, 8, N)), cfg
-        )
+        loss, bank, _, _ = run_jax(bank, embed, score, labels, rng.normal(size=(1, 8, 8, N)), cfg)
         assert (float(loss) > 0) == (step >= 3)  # wraps after 3 writes: warm from the 4th
 
 
@@ -158,14 +198,32 @@ def test_fix_flags_change_only_what_they_name():
         jnp.asarray(s_vocab),
         jnp.asarray(s_vocab[:, 0]),
         jnp.int32(0),
-        jnp.asarray([True, False, False, False]),
-        jnp.int32(1),
         jnp.ones(n),
         jnp.asarray([1, 1, 1, 0]),
     )
-    faithful = ca.background_mask(*args, ca.CASettings(bg_thresh=0.2, bg_mse_thresh=0.5))
+    faithful = ca.single_label_background(*args, ca.CASettings(bg_thresh=0.2, bg_mse_thresh=0.5))
     assert np.asarray(faithful).tolist() == [False, False, False, True]  # NaN drops class 2
-    nan_safe = ca.background_mask(*args, ca.CASettings(bg_mse_thresh=0.5, nan_safe_mse=True))
+    nan_safe = ca.single_label_background(
+        *args, ca.CASettings(bg_mse_thresh=0.5, nan_safe_mse=True)
+    )
     assert np.asarray(nan_safe).tolist() == [False, False, True, True]
-    cold = ca.background_mask(*args, ca.CASettings(bg_mse_thresh=0.5, mask_cold_background=True))
+    cold = ca.single_label_background(
+        *args, ca.CASettings(bg_mse_thresh=0.5, mask_cold_background=True)
+    )
     assert np.asarray(cold).tolist() == [False, False, False, False]  # class 3 never wrapped
+
+
+def test_cold_background_fix_on_a_multi_label_image():
+    """B2 on the multi-label path: other labels whose bank never wrapped stop being background."""
+    rng = np.random.default_rng(7)
+    embed, score, labels, _ = random_step(rng, ["multi"])
+    present = losses.present_classes(jnp.asarray(labels), N)
+    classes = np.nonzero(np.asarray(present[0]))[0]
+    bank = ca.init_bank(jax.random.PRNGKey(8), C, 2, K, D)
+    warm_row = CLS_INDEX[classes[1]]
+    bank = bank._replace(full=bank.full.at[warm_row].set(1))
+    args = (jnp.asarray(embed), jnp.asarray(score), present, jnp.asarray(CLS_INDEX))
+    for fix, expected in ((False, set(classes[1:])), (True, {classes[1]})):
+        cfg = ca.CASettings(memory_size=2, topk=K, max_labels=4, mask_cold_background=fix)
+        _, pairs = ca.attend(bank, *args, cfg)
+        assert set(np.nonzero(np.asarray(pairs["bg_mask"][0, 0]))[0]) == expected

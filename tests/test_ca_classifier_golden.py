@@ -43,7 +43,7 @@ def device_losses(params, x, labels, bank, cls_index, cfg):
     up, ds = losses.loss_grid_inputs(logits, labels, 2)
     basic, _ = losses.image_level_ce(up, ds)
     present = losses.present_classes(ds, n)
-    bank, pairs = ca.scan_pairs(
+    writes, pairs = ca.attend(
         bank,
         aux["embed"].reshape(b, h * w, -1),
         aux["score"].reshape(b, h * w, n),
@@ -51,6 +51,7 @@ def device_losses(params, x, labels, bank, cls_index, cfg):
         cls_index,
         settings(cfg),
     )
+    bank = ca.enqueue(bank, writes)
     aux_loss, ce = ca.attentive_ce(
         up, pairs["a"], pairs["label"], pairs["valid"], pairs["warm"], present, (h, w)
     )
@@ -73,9 +74,9 @@ def test_six_steps_match_official(golden):
         feats = jnp.asarray(d["bank0_queue"])
         bank = ca.Bank(
             feats,
+            feats.mean(axis=2),
             jnp.asarray(d["bank0_ptr"], jnp.int32),
             jnp.asarray(d["bank0_full"], jnp.int32),
-            feats.mean(axis=(1, 2)),
         )
         cls_index = jnp.asarray(meta["cls_index"])
         fn = jax.value_and_grad(device_losses, argnums=(0, 1), has_aux=True)
@@ -88,6 +89,9 @@ def test_six_steps_match_official(golden):
             np.testing.assert_allclose(basic, d[f"step{step}_loss_basic"], rtol=1e-9)
             np.testing.assert_allclose(aux, d[f"step{step}_loss_coseg"], rtol=1e-9, atol=1e-12)
             np.testing.assert_allclose(bank.feats, d[f"step{step}_bank_queue"], atol=1e-12)
+            np.testing.assert_allclose(
+                bank.slot_means, d[f"step{step}_bank_queue"].mean(2), atol=1e-12
+            )
             np.testing.assert_array_equal(bank.ptr, d[f"step{step}_bank_ptr"])
             np.testing.assert_array_equal(bank.full, d[f"step{step}_bank_full"])
             for ours, theirs in [
