@@ -13,8 +13,9 @@ the same numbers for all pairs at once:
     of the writes before it in loop order (a [T, T] "seen" mask over the T = B * max_labels
     pairs); a class seen twice in one batch scores its second image against the first image's
     features, as in the reference.
-Scores therefore read only the per-slot means `slot_means` [C, M, D]; the full features `feats`
-are write-only here (one scatter per step) and kept because they are SPEC's bank state.
+Scores therefore read only the class means `means` [C, D] and, for the slots a step overwrites,
+the per-slot means `slot_means` [C, M, D]; the features `feats` [C, M, K, D] are never read
+(one in-place scatter per step) and are kept because they are SPEC's bank state.
 """
 
 import dataclasses
@@ -31,7 +32,8 @@ ZSCORE_EPS = 1e-5
 
 class Bank(NamedTuple):
     feats: jax.Array | None  # [C, M, K, D] unit top-K pixel features, M FIFO slots per class
-    slot_means: jax.Array  # [C, M, D] mean over K of each slot: all scores read only these
+    slot_means: jax.Array  # [C, M, D] mean over K of each slot
+    means: jax.Array  # [C, D] mean over M of slot_means: every score reads only these
     ptr: jax.Array  # [C] int32 next slot to overwrite
     full: jax.Array  # [C] int32 completed passes over the M slots (warm-up reads this)
 
@@ -69,12 +71,8 @@ def init_bank(
     feats = jax.random.normal(rng, (num_classes, memory_size, topk, dim), dtype)
     feats = feats / jnp.linalg.norm(feats, axis=-1, keepdims=True)
     zeros = jnp.zeros((num_classes,), jnp.int32)
-    return Bank(feats, jnp.mean(feats, axis=2), zeros, zeros)
-
-
-def class_means(bank: Bank) -> jax.Array:
-    """[C, D] mean of each class's M*K bank vectors: <f, mean> is the mean cosine to the bank."""
-    return jnp.mean(bank.slot_means, axis=1)
+    slot_means = jnp.mean(feats, axis=2)
+    return Bank(feats, slot_means, jnp.mean(slot_means, axis=1), zeros, zeros)
 
 
 def enqueue(bank: Bank, writes: Writes) -> Bank:
@@ -92,9 +90,12 @@ def enqueue(bank: Bank, writes: Writes) -> Bank:
         feats = feats.at[target].set(
             writes.feats.astype(feats.dtype), mode="drop", unique_indices=True
         )
+    slot_means = bank.slot_means.at[target].set(new_means, mode="drop", unique_indices=True)
+    touched = jnp.mean(slot_means[jnp.minimum(writes.rows, num_rows - 1)], axis=1)
     return Bank(
         feats=feats,
-        slot_means=bank.slot_means.at[target].set(new_means, mode="drop", unique_indices=True),
+        slot_means=slot_means,
+        means=bank.means.at[writes.rows].set(touched, mode="drop"),
         ptr=(bank.ptr + n_writes) % m,
         full=bank.full + (bank.ptr + n_writes) // m,
     )
@@ -220,7 +221,7 @@ def attend(
 
     f = embed / jnp.linalg.norm(embed, axis=-1, keepdims=True)
     f = f.astype(dtype)
-    base = jnp.einsum("bpd,nd->bpn", f, class_means(bank)[cls_index])  # [B, P, N] step start
+    base = jnp.einsum("bpd,nd->bpn", f, bank.means[cls_index])  # [B, P, N] step start
     gain = jnp.einsum("bpd,td->bpt", f, delta)  # [B, P, T] score change by each write
     seen = seen.reshape(b, l, t)
     # Scores of each pair against its image's own labels: [B, L, P, L'].
@@ -299,16 +300,21 @@ def attentive_ce(
     valid: jax.Array,
     warm: jax.Array,
     present: jax.Array,
-    feature_hw: tuple[int, int],
+    loss_hw: tuple[int, int],
     num_pairs: jax.Array | None = None,
     class_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Aux CE of mean_p(A_p * logits_p) per pair, same kept-class rule as SPEC 2.3 (step 4).
 
-    Args:
-      logits: [B, H, W, N] loss-grid logits (gradients flow only through these).
-      a: [B, L, h*w] attention logits; labels/valid/warm: [B, L]; present: [B, N].
+    A = sigmoid(bilinear_up(a)) lives on the loss grid, and so do the logits it weights, which
+    are the bilinear upsampling U z of the feature-grid logits z. Since U is linear,
+    mean_p(A_p (U z)_p) = sum_q (U^T A)_q z_q / |loss grid|: the same pooled logits (and
+    gradients) from z, at 1/rate^2 of the cost, without the [B, H, W, N] upsampled logits.
 
+    Args:
+      logits: [B, h, w, N] feature-grid logits (gradients flow only through these).
+      a: [B, L, h*w] attention logits; labels/valid/warm: [B, L]; present: [B, N].
+      loss_hw: (H, W) the loss grid (input / downsample rate).
       num_pairs: [] all (image, label) pairs, including any beyond max_labels (default: valid).
 
     Returns:
@@ -316,12 +322,13 @@ def attentive_ce(
       per-pair CE [B, L].
     """
     b, l = labels.shape
-    h, w = feature_hw
-    big_h, big_w, n = logits.shape[1:]
+    h, w, n = logits.shape[1:]
+    big_h, big_w = loss_hw
     maps = a.reshape(b * l, h, w, 1)
     att = jax.nn.sigmoid(interp.resize_bilinear(maps, (big_h, big_w)))  # upsample, then sigmoid
-    att = jax.lax.stop_gradient(att.reshape(b, l, big_h * big_w))
-    pooled = jnp.einsum("blp,bpn->bln", att, logits.reshape(b, big_h * big_w, n)) / (big_h * big_w)
+    weights = interp.resize_bilinear_adjoint(att, (h, w)) / (big_h * big_w)
+    weights = jax.lax.stop_gradient(weights.reshape(b, l, h * w))
+    pooled = jnp.einsum("blq,bqn->bln", weights, logits.reshape(b, h * w, n))
     ce_all = losses.kept_class_ce(pooled, present[:, None, :], class_mask)  # [B, L, N]
     ce = jnp.take_along_axis(ce_all, labels[..., None], axis=-1)[..., 0]
     ce = jnp.where(valid & warm, ce, 0.0)

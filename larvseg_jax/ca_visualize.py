@@ -41,6 +41,7 @@ def attention_panels(
       cls_index: [N] union rows of the evaluation vocabulary.
     """
     index = jnp.asarray(cls_index)
+    bank = jax.tree.map(jnp.asarray, bank._replace(feats=None))  # scores never read feats
 
     @jax.jit
     def attention(image, present):
@@ -48,7 +49,7 @@ def attention_panels(
         h, w, n = aux["score"].shape[1:]
         # The training computation on a batch of one image; its writes are discarded.
         _, pairs = ca_classifier.attend(
-            bank._replace(feats=None),
+            bank,
             aux["embed"].reshape(1, h * w, -1),
             aux["score"].reshape(1, h * w, n),
             present[None],

@@ -106,7 +106,7 @@ def group_loss(
     logits, head_aux = model.apply(
         {"params": params}, images, cls_index, class_mask, train=True, rngs={"dropout": drop_rng}
     )
-    feature_hw = logits.shape[1:3]
+    feature_hw, feature_logits = logits.shape[1:3], logits
     logits, labels = losses.loss_grid_inputs(logits, labels, settings.downsample_rate)
     aux_loss = jnp.zeros((), jnp.float32)
     writes = None
@@ -128,13 +128,13 @@ def group_loss(
                 class_mask,
             )
             aux_loss, _ = ca_classifier.attentive_ce(
-                logits,
+                feature_logits,
                 pairs["a"],
                 pairs["label"],
                 pairs["valid"],
                 pairs["warm"],
                 info["present"],
-                feature_hw,
+                labels.shape[1:3],
                 num_pairs=info["num_pairs"],
                 class_mask=class_mask,
             )
@@ -154,9 +154,12 @@ def _device_loss(params, batch, banks, rng, *, model, settings, groups_per_devic
     local_ids = jax.lax.dynamic_slice(all_ids, (first,), (groups_per_device,))
     global_index = first + jnp.arange(groups_per_device)
 
-    def branch(s, group_batch, bank, key):
+    def branch(s, group_batch, local_g, key):
         spec = settings.sources[s]
         data = group_batch[spec.name]
+        # Indexed here, not sliced by the scan: a slice fed to the switch would be a copy of
+        # the group's bank; here only what the CA-classifier reads of it is touched.
+        bank = None if banks is None else jax.tree.map(lambda x: x[local_g], banks)
         loss, aux = group_loss(
             params,
             data["image"],
@@ -174,14 +177,14 @@ def _device_loss(params, batch, banks, rng, *, model, settings, groups_per_devic
     branches = [functools.partial(branch, s) for s in range(num_sources)]
 
     def body(total, xs):
-        source_id, g, group_batch, bank = xs
+        source_id, g, group_batch = xs
         key = jax.random.fold_in(rng, g)  # same key for group g on any device count
-        loss, per_source, writes = jax.lax.switch(source_id, branches, group_batch, bank, key)
+        loss, per_source, writes = jax.lax.switch(source_id, branches, group_batch, g - first, key)
         counts = jax.nn.one_hot(source_id, num_sources)
         return total + loss, (loss, per_source, counts, writes)
 
     total, (group_losses, per_source, counts, writes) = jax.lax.scan(
-        body, jnp.zeros((), jnp.float32), (local_ids, global_index, batch, banks)
+        body, jnp.zeros((), jnp.float32), (local_ids, global_index, batch)
     )
     sums = {
         "basic_sum": per_source["basic"].sum(0),

@@ -14,7 +14,8 @@ CLS_INDEX = np.array([4, 0, 6, 2, 3])
 
 
 def random_step(rng, kinds):
-    """One device batch: embed [B, P, D] unit, score [B, P, N], loss-grid labels, logits."""
+    """One device batch: embed [B, P, D] unit, score [B, P, N], loss-grid labels, feature-grid
+    logits [B, SIDE, SIDE, N] (the loss grid is twice as fine)."""
     b = len(kinds)
     embed = reference.l2n(rng.normal(size=(b, SIDE * SIDE, D)))
     score = np.tanh(rng.normal(size=(b, SIDE * SIDE, N)))
@@ -28,8 +29,13 @@ def random_step(rng, kinds):
             classes = rng.choice(N, size=rng.integers(2, 4), replace=False)
             labels[i] = rng.choice(np.append(classes, -1), size=labels[i].shape)
             labels[i, 0, : len(classes)] = classes  # every chosen class present
-    logits = rng.normal(size=(b, 2 * SIDE, 2 * SIDE, N))
+    logits = rng.normal(size=(b, SIDE, SIDE, N))
     return embed, score, labels, logits
+
+
+def reference_step(queue, ptr, full, embed, score, labels, logits, ref_cfg):
+    up = reference.upsample(logits, labels.shape[1:])
+    return reference.ca_reference(queue, ptr, full, embed, score, labels, up, CLS_INDEX, ref_cfg)
 
 
 def run_jax(bank, embed, score, labels, logits, cfg):
@@ -45,7 +51,7 @@ def run_jax(bank, embed, score, labels, logits, cfg):
         pairs["valid"],
         pairs["warm"],
         present,
-        (SIDE, SIDE),
+        labels.shape[1:],
     )
     return loss, bank, pairs, ce
 
@@ -76,14 +82,15 @@ def step_matches_reference(bank, batch, cfg, ref_cfg):
     embed, score, labels, logits = batch
     queue, ptr, full = (np.asarray(x) for x in (bank.feats, bank.ptr, bank.full))
     loss, bank, pairs, ce = run_jax(bank, embed, score, labels, logits, cfg)
-    ref_loss, queue, ptr, full, ref_pairs = reference.ca_reference(
-        queue, ptr, full, embed, score, labels, logits, CLS_INDEX, ref_cfg
+    ref_loss, queue, ptr, full, ref_pairs = reference_step(
+        queue, ptr, full, embed, score, labels, logits, ref_cfg
     )
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(bank.feats, queue, atol=1e-12)
     np.testing.assert_array_equal(bank.ptr, ptr)
     np.testing.assert_array_equal(bank.full, full)
     np.testing.assert_allclose(bank.slot_means, queue.mean(axis=2), atol=1e-12)
+    np.testing.assert_allclose(bank.means, queue.mean(axis=(1, 2)), atol=1e-12)
     seen = set()
     slot = {}
     for info in ref_pairs:
@@ -144,9 +151,7 @@ def test_labels_past_max_labels_are_still_background():
         bank = ca.init_bank(jax.random.PRNGKey(6), C, 1, K, D, jnp.float64)
         queue, ptr, full = (np.asarray(x) for x in (bank.feats, bank.ptr, bank.full))
         _, _, pairs, _ = run_jax(bank, embed, score, labels, logits, cfg)
-    ref_pairs = reference.ca_reference(
-        queue, ptr, full, embed, score, labels, logits, CLS_INDEX, ref_cfg
-    )[-1]
+    ref_pairs = reference_step(queue, ptr, full, embed, score, labels, logits, ref_cfg)[-1]
     assert len(ref_pairs) == 4
     for j in range(2):  # the visited pairs see the same bank and the same 3 background classes
         assert len(ref_pairs[j]["bg"]) == 3
@@ -163,7 +168,9 @@ def test_aux_is_zero_until_the_class_has_wrapped_once():
     for step in range(4):
         embed = reference.l2n(rng.normal(size=(1, SIDE * SIDE, D)))
         score = np.tanh(rng.normal(size=(1, SIDE * SIDE, N)))
-        loss, bank, _, _ = run_jax(bank, embed, score, labels, rng.normal(size=(1, 8, 8, N)), cfg)
+        loss, bank, _, _ = run_jax(
+            bank, embed, score, labels, rng.normal(size=(1, SIDE, SIDE, N)), cfg
+        )
         assert (float(loss) > 0) == (step >= 3)  # wraps after 3 writes: warm from the 4th
 
 
@@ -174,7 +181,7 @@ def test_topk_enqueues_the_highest_scoring_pixels():
     score[0, [5, 9, 2], 1] = [0.9, 0.8, 0.7]
     labels = np.ones((1, 8, 8), int)
     bank = ca.init_bank(jax.random.PRNGKey(3), C, 2, 3, D)
-    _, bank, _, _ = run_jax(bank, embed, score, labels, np.zeros((1, 8, 8, N)), cfg)
+    _, bank, _, _ = run_jax(bank, embed, score, labels, np.zeros((1, SIDE, SIDE, N)), cfg)
     np.testing.assert_allclose(bank.feats[CLS_INDEX[1], 0], embed[0, [5, 9, 2]], rtol=1e-6)
 
 

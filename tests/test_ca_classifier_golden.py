@@ -53,7 +53,7 @@ def device_losses(params, x, labels, bank, cls_index, cfg):
     )
     bank = ca.enqueue(bank, writes)
     aux_loss, ce = ca.attentive_ce(
-        up, pairs["a"], pairs["label"], pairs["valid"], pairs["warm"], present, (h, w)
+        logits, pairs["a"], pairs["label"], pairs["valid"], pairs["warm"], present, ds.shape[1:]
     )
     w_basic, w_aux = cfg["basic_loss_weights"][2], cfg["coseg_loss_weights"][2]
     return w_basic * basic + w_aux * aux_loss, (w_basic * basic, w_aux * aux_loss, bank, pairs, ce)
@@ -75,6 +75,7 @@ def test_six_steps_match_official(golden):
         bank = ca.Bank(
             feats,
             feats.mean(axis=2),
+            feats.mean(axis=(1, 2)),
             jnp.asarray(d["bank0_ptr"], jnp.int32),
             jnp.asarray(d["bank0_full"], jnp.int32),
         )

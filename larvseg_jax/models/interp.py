@@ -97,6 +97,19 @@ def resize_bilinear(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
     return _separable(x, _bilinear_matrix(h, out_h), _bilinear_matrix(w, out_w))
 
 
+def resize_bilinear_adjoint(x: jax.Array, in_hw: tuple[int, int]) -> jax.Array:
+    """Transpose of `resize_bilinear` from `in_hw`: [..., H', W', C] -> [..., h, w, C].
+
+    <resize_bilinear(z), y> == <z, resize_bilinear_adjoint(y)>: a weighted pooling of the
+    upsampled z equals a pooling of z with the weights pulled back, without the upsampled array.
+    """
+    h, w = (int(s) for s in in_hw)
+    out_h, out_w = x.shape[-3:-1]
+    if (h, w) == (out_h, out_w):
+        return x
+    return _separable(x, _bilinear_matrix(h, out_h).T, _bilinear_matrix(w, out_w).T)
+
+
 def resize_bicubic_torch(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
     """PyTorch `F.interpolate(mode="bicubic", align_corners=False)` on channel-last arrays.
 

@@ -111,6 +111,18 @@ def test_bicubic_matches_numpy_loop(in_hw, out_hw):
     )
 
 
+@pytest.mark.parametrize("in_hw,out_hw", [((5, 7), (13, 11)), ((8, 8), (32, 32)), ((9, 6), (4, 5))])
+def test_bilinear_adjoint_is_the_transpose(in_hw, out_hw):
+    """<U z, y> == <z, U^T y>: weighted pooling of upsampled logits, done at the small grid."""
+    rng = np.random.default_rng(2)
+    z, y = rng.normal(size=(2, *in_hw, 3)), rng.normal(size=(2, *out_hw, 3))
+    with jax.enable_x64(True):
+        up = interp.resize_bilinear(jnp.asarray(z), out_hw)
+        back = interp.resize_bilinear_adjoint(jnp.asarray(y), in_hw)
+        assert back.shape == z.shape
+        np.testing.assert_allclose(float(jnp.vdot(up, y)), float(jnp.vdot(z, back)), rtol=1e-12)
+
+
 def test_resizes_are_differentiable_with_batch_dims():
     x = jnp.ones((2, 3, 5, 7, 4))
     for fn in (interp.resize_bilinear, interp.resize_bicubic_torch):
