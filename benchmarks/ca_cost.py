@@ -2,7 +2,8 @@
 
 Builds the real train step (shard_map + scan + switch) on random data for a 1:1 weak:seg mix,
 times both variants alternately after compilation, and prints one JSON line per variant plus a
-ratio line: seconds/step, images/s, XLA FLOPs, achieved GFLOP/s, and the bank's bytes.
+ratio line: seconds/step, images/s, XLA FLOPs, achieved GFLOP/s, the bank's bytes and XLA's
+temporary (activation) bytes of the compiled step.
 
     python benchmarks/ca_cost.py --variant tiny --crop 64 --groups 8
     python benchmarks/ca_cost.py --variant B/16 --crop 512 --groups 2 --classes 251 --topk 20 --memory 20
@@ -99,13 +100,22 @@ def main():
     rng = np.random.default_rng(0)
     variants = {}
     for name, with_ca in (("baseline", False), ("larvseg", True)):
-        fn, state, plan, mesh, settings = build(args, with_ca)
+        fn, state, plan, mesh, _settings = build(args, with_ca)
         batch = sharding.host_batch_to_global(batch_for(args, plan, rng), mesh)
         compiled = fn.lower(state, batch).compile()
         flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
+        memory = compiled.memory_analysis()
+        temp_bytes = int(memory.temp_size_in_bytes) if memory is not None else -1
         state, m = fn(state, batch)
         jax.block_until_ready(m)
-        variants[name] = {"fn": fn, "state": state, "batch": batch, "flops": flops, "times": []}
+        variants[name] = {
+            "fn": fn,
+            "state": state,
+            "batch": batch,
+            "flops": flops,
+            "temp_bytes": temp_bytes,
+            "times": [],
+        }
     for _ in range(args.rounds):  # alternate, so machine drift hits both alike
         for v in variants.values():
             t0 = time.perf_counter()
@@ -133,6 +143,7 @@ def main():
                     "bank_bytes": int(sum(x.nbytes for x in jax.tree.leaves(bank)))
                     if bank is not None
                     else 0,
+                    "temp_bytes": v["temp_bytes"],
                 }
             )
         )

@@ -98,8 +98,10 @@ def summarize(results: list) -> list:
 
 def markdown(table: list, args) -> str:
     lines = [
-        f"Synthetic world, {args.steps} steps, lr {args.lr}, seeds {args.seeds} "
-        "(mean ± std of mIoU %):",
+        (
+            f"Synthetic world, {args.steps} steps, lr {args.lr}, seeds {args.seeds} "
+            "(mean ± std of mIoU %):"
+        ),
         "",
         "| setting | method | all | base | novel |",
         "|---|---|---|---|---|",

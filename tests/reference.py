@@ -77,7 +77,7 @@ def ca_reference(queue, ptr, full, embed, score, labels, logits_up, cls_index, c
     """
     queue, ptr, full = queue.copy(), ptr.copy(), full.copy()
     b_count, p = embed.shape[:2]
-    side = int(round(p**0.5))
+    side = round(p**0.5)
     m = queue.shape[1]
     big_h, big_w = labels.shape[1:]
     terms, pairs = [], []
@@ -93,9 +93,10 @@ def ca_reference(queue, ptr, full, embed, score, labels, logits_up, cls_index, c
                 full[u] += ptr[u] == m - 1
                 ptr[u] = (ptr[u] + 1) % m
             if info["warm"] or cfg.get("single_image"):
-                bank_score = lambda c: (
-                    f @ l2n(queue[cls_index[c]].reshape(-1, f.shape[1])).T
-                ).mean(1)
+
+                def bank_score(c, f=f):
+                    return (f @ l2n(queue[cls_index[c]].reshape(-1, f.shape[1])).T).mean(1)
+
                 s_fg = bank_score(l)
                 if len(present) > 1:
                     bg = [c for c in present if c != l]

@@ -62,7 +62,7 @@ def test_paper_config_builds_model_and_step_abstractly(name):
 
 
 def test_sweep_arguments_are_typed_and_checked():
-    cfg, _, settings = build("larvseg_c171_wa150", "memory_size=40,topk=10")
+    _cfg, _, settings = build("larvseg_c171_wa150", "memory_size=40,topk=10")
     assert (settings.ca.memory_size, settings.ca.topk) == (40, 10)
     with pytest.raises(ValueError, match="not one of"):
         build("larvseg_c171_wa150", "memory=40")

@@ -50,7 +50,7 @@ def weighted_loss(params, x, labels, cls_index, kind, weight):
 @pytest.mark.parametrize("prefix", ["ade", "coco", "test"])
 @pytest.mark.parametrize("x64", [False, True])
 def test_head_forward_matches_official(goldens_dir, prefix, x64):
-    meta, d = load(goldens_dir, "a_head_forward")
+    _meta, d = load(goldens_dir, "a_head_forward")
     with jax.enable_x64(x64):
         dtype = jnp.float64 if x64 else jnp.float32
         params = jax.tree.map(lambda a: a.astype(dtype), params_of(d))
@@ -60,7 +60,7 @@ def test_head_forward_matches_official(goldens_dir, prefix, x64):
             jnp.asarray(nhwc(d["x"]), dtype),
             jnp.asarray(d[f"{prefix}_cls_index"]),
         )
-        tol = dict(rtol=1e-10, atol=1e-12) if x64 else dict(rtol=1e-4, atol=1e-5)
+        tol = {"rtol": 1e-10, "atol": 1e-12} if x64 else {"rtol": 1e-4, "atol": 1e-5}
         np.testing.assert_allclose(logits, nhwc(d[f"{prefix}_logits"]), **tol)
         np.testing.assert_allclose(aux["score"], nhwc(d[f"{prefix}_score"]), **tol)
         np.testing.assert_allclose(aux["embed"], nhwc(d[f"{prefix}_embed"]), **tol)

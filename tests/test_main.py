@@ -16,6 +16,7 @@ def run_main(*args, devices=8, check=True):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     proc = subprocess.run(
         [sys.executable, "main.py", "--config", "configs/smoke.py", *args],
+        check=False,  # the caller asserts on the return code and prints stderr
         cwd=ROOT,
         env=env,
         capture_output=True,
