@@ -163,6 +163,26 @@ def _masked_mean(values: jax.Array, mask: jax.Array, fallback: jax.Array) -> jax
     return jnp.where(count > 0, total / jnp.maximum(count, 1), fallback)
 
 
+def _place_writes(
+    bank: Bank, rows: jax.Array, ok: jax.Array, new_means: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Where each of T writes (in loop order) lands, and how it changes its class mean.
+
+    The j-th write of a class goes to slot (ptr + j) % M; it survives the step unless the class
+    is written M more times; it replaces the slot's content at the step start, or this step's
+    write M earlier. Returns slots [T], survives [T] and the class-mean change delta [T, D].
+    """
+    m = bank.slot_means.shape[1]
+    t = rows.shape[0]
+    same = (rows[:, None] == rows[None]) & ok[:, None] & ok[None]  # [T, T]
+    rank = jnp.sum(same & jnp.tril(jnp.ones((t, t), bool), -1), 1)
+    slots = (bank.ptr[rows] + rank) % m
+    survives = ok & (rank >= jnp.sum(same, 1) - m)
+    replaced = (same & (rank[None] == rank[:, None] - m)).astype(new_means.dtype)
+    old = jnp.where((rank >= m)[:, None], replaced @ new_means, bank.slot_means[rows, slots])
+    return slots, survives, jnp.where(ok[:, None], (new_means - old) / m, 0.0)
+
+
 def attend(
     bank: Bank,
     embed: jax.Array,
@@ -200,18 +220,10 @@ def attend(
     new_feats = jax.vmap(lambda e, i: e[i])(embed, top).astype(dtype)  # [B, L, K, D]
     new_means = jnp.mean(new_feats, axis=2).reshape(t, -1)
 
-    # Where: the j-th write of a class in loop order goes to slot (ptr + j) % M.
-    same = (rows[:, None] == rows[None]) & ok[:, None] & ok[None]  # [T, T]
-    earlier = jnp.tril(jnp.ones((t, t), bool), -1)
-    rank = jnp.sum(same & earlier, 1)
-    slots = (bank.ptr[rows] + rank) % m
-    survives = ok & (rank >= jnp.sum(same, 1) - m)  # not overwritten later in this batch
-    # What it replaces: the slot's content at the step start, or this batch's write M earlier.
-    replaced = (same & (rank[None] == rank[:, None] - m)).astype(dtype)
-    old = jnp.where((rank >= m)[:, None], replaced @ new_means, bank.slot_means[rows, slots])
-    delta = jnp.where(ok[:, None], (new_means - old) / m, 0.0)  # change of the class mean
+    slots, survives, delta = _place_writes(bank, rows, ok, new_means)
 
     # The bank each pair sees: the writes before it (and its own in single-image mode).
+    earlier = jnp.tril(jnp.ones((t, t), bool), -1)
     seen = (earlier | jnp.eye(t, dtype=bool)) if cfg.single_image else earlier
     seen = seen & ok[None]
     of_column = rows[:, None] == cls_index[None]  # [T, N] write t changes column n
