@@ -55,7 +55,17 @@ class Checkpointer:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except ValueError as e:  # orbax explains a layout mismatch over many lines
+            detail = _mismatch(str(e))
+            if detail is None:
+                raise
+            raise ValueError(
+                f"checkpoint {self.directory}/{step} does not fit this config's train state "
+                f"({detail}): resume with the config it was written with (its meta holds it) "
+                "or use a fresh --workdir"
+            ) from None
         return restored["state"]
 
     def wait(self) -> None:
@@ -63,6 +73,17 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _mismatch(message: str) -> str | None:
+    """The first differing key or shape of an orbax restore error; None for other errors."""
+    lines = [line.strip() for line in message.splitlines()]
+    if "do not match" in lines[0]:
+        keys = [line[:-1] for line in lines[1:] if line.endswith(":") and line[0] != "-"]
+        return f"the state differs at {keys[0] if keys else 'its tree structure'}"
+    if "not compatible with the stored shape" in lines[0]:
+        return lines[0].split(". ")[0]
+    return None
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
