@@ -278,6 +278,7 @@ def train_and_evaluate(
     pending: list = []
     window_start, window_first = time.perf_counter(), step
     start_step = step
+    warned_unvisited = False
     try:
         while step < last:
             batch = sharding.host_batch_to_global(next(data_iter), setup.mesh)
@@ -290,6 +291,7 @@ def train_and_evaluate(
                 pending = []
                 means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
                 _check_finite(means, step - len(fetched), step)
+                warned_unvisited = _warn_unvisited(means, cfg, warned_unvisited)
                 now = time.perf_counter()
                 # The first window includes compilation; throughput is honest from the second.
                 rate = (step - window_first) * images_per_step / max(now - window_start, 1e-9)
@@ -357,6 +359,21 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     finally:
         writer.close()
         ckpt.close()
+
+
+def _warn_unvisited(means: dict, cfg: ml_collections.ConfigDict, warned: bool) -> bool:
+    """Warns once when crops carry more labels than the CA pair lists hold."""
+    over = {k.removeprefix("unvisited_labels_"): v for k, v in means.items() if "unvisited" in k}
+    over = {k: v for k, v in over.items() if v > 0}
+    if over and not warned:
+        logging.warning(
+            "crops of %s had more than data.max_labels=%d labels (%s per step): those labels "
+            "got no CA-classifier pair; raise --config.data.max_labels",
+            ", ".join(over),
+            cfg.data.max_labels,
+            ", ".join(f"{v:.1f}" for v in over.values()),
+        )
+    return warned or bool(over)
 
 
 def _fmt_eta(seconds: float) -> str:

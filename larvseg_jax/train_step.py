@@ -88,8 +88,9 @@ def group_loss(
         None), or None without the CA-classifier.
 
     Returns:
-      the weighted loss and aux: "basic" and "aux" (unweighted losses) and "writes" (what the
-      group enqueues; the caller applies them with `ca_classifier.enqueue`).
+      the weighted loss and aux: "basic" and "aux" (unweighted losses), "unvisited" (image
+      labels past max_labels, which get no CA pair) and "writes" (what the group enqueues; the
+      caller applies them with `ca_classifier.enqueue`).
     """
     cls_index = jnp.asarray(spec.cls_index, jnp.int32)
     drop_rng, sample_rng = jax.random.split(rng)
@@ -109,7 +110,7 @@ def group_loss(
     feature_hw, feature_logits = logits.shape[1:3], logits
     logits, labels = losses.loss_grid_inputs(logits, labels, settings.downsample_rate)
     aux_loss = jnp.zeros((), jnp.float32)
-    writes = None
+    writes, unvisited = None, jnp.zeros((), jnp.int32)
     if spec.kind == "seg":
         basic = losses.seg_ce(
             logits, labels, normalize=settings.seg_normalize, class_mask=class_mask
@@ -138,12 +139,15 @@ def group_loss(
                 num_pairs=info["num_pairs"],
                 class_mask=class_mask,
             )
+            n_labels = jnp.sum(info["present"], axis=-1)
+            unvisited = jnp.sum(jnp.maximum(n_labels - settings.ca.max_labels, 0))
     if bank is not None and writes is None:  # same output structure on every switch branch
         writes = ca_classifier.no_writes(
             bank, images.shape[0] * settings.ca.max_labels, settings.ca.topk
         )
     loss = spec.basic_weight * basic + spec.ca_weight * aux_loss
-    return loss, {"basic": basic, "aux": aux_loss, "writes": writes}
+    aux = {"basic": basic, "aux": aux_loss, "unvisited": unvisited, "writes": writes}
+    return loss, aux
 
 
 def _device_loss(params, batch, banks, rng, *, model, settings, groups_per_device):
@@ -171,7 +175,11 @@ def _device_loss(params, batch, banks, rng, *, model, settings, groups_per_devic
             bank=bank,
         )
         onehot = jax.nn.one_hot(s, num_sources)
-        per_source = {"basic": onehot * aux["basic"], "aux": onehot * aux["aux"]}
+        per_source = {
+            "basic": onehot * aux["basic"],
+            "aux": onehot * aux["aux"],
+            "unvisited": onehot * aux["unvisited"],
+        }
         return loss, per_source, aux["writes"]
 
     branches = [functools.partial(branch, s) for s in range(num_sources)]
@@ -189,6 +197,7 @@ def _device_loss(params, batch, banks, rng, *, model, settings, groups_per_devic
     sums = {
         "basic_sum": per_source["basic"].sum(0),
         "aux_sum": per_source["aux"].sum(0),
+        "unvisited_sum": per_source["unvisited"].sum(0),
         "count": counts.sum(0),
     }
     return total / settings.num_groups, (sums, group_losses, writes)
@@ -213,7 +222,8 @@ def train_step(
 
     Returns:
       the new state and metrics: "loss" (the step objective), "loss_<source>" and
-      "aux_<source>" (mean unweighted basic / CA loss over that source's groups), "lr" and
+      "aux_<source>" (mean unweighted basic / CA loss over that source's groups),
+      "unvisited_labels_<source>" (labels past max_labels in the step: no CA pair), "lr" and
       "group_loss" [G] (weighted loss per group).
     """
     groups_per_device = settings.num_groups // mesh.devices.size
@@ -249,5 +259,6 @@ def train_step(
         metrics[f"loss_{spec.name}"] = sums["basic_sum"][s] / count
         if state.bank is not None and spec.ca_weight:
             metrics[f"aux_{spec.name}"] = sums["aux_sum"][s] / count
+            metrics[f"unvisited_labels_{spec.name}"] = sums["unvisited_sum"][s]
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, bank=bank)
     return new_state, metrics

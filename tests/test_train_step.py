@@ -1,5 +1,6 @@
 """The sharded train step: 8 devices equal 1 device, and each group computes its own source."""
 
+import dataclasses
 import functools
 
 import jax
@@ -21,6 +22,10 @@ CA = ca_classifier.CASettings(memory_size=1, topk=3, warm_up=0, max_labels=4)
 
 @pytest.fixture(scope="module", params=["baseline", "larvseg"])
 def setup(request):
+    return build(CA if request.param == "larvseg" else None)
+
+
+def build(ca):
     plan = groups.group_sources(["weak", "seg"], [1, 1], 8)
     settings = StepSettings(
         sources=SOURCES,
@@ -28,7 +33,7 @@ def setup(request):
         images_per_group=2,
         seg_normalize="all_pixels",
         downsample_rate=2,
-        ca=CA if request.param == "larvseg" else None,
+        ca=ca,
     )
     backbone = vit.vit_from_variant("micro", pos_grid=(4, 4), drop_path_rate=0.2)
     model = segmenter.Segmenter(backbone=backbone, num_classes=5)
@@ -124,3 +129,13 @@ def test_group_plan_follows_rank_mod_n():
         groups.group_sources(["w", "c"], [3, 2], 8)
     with pytest.raises(ValueError, match="device count"):
         groups.groups_per_device(8, 3)
+
+
+def test_labels_past_max_labels_are_counted():
+    """Crops with more labels than the CA pair lists hold are reported, not silently dropped."""
+    setup = build(dataclasses.replace(CA, max_labels=2))
+    batch = make_batch(setup[-1], np.random.default_rng(3))  # every weak crop holds all 4 classes
+    _, metrics = run_step(setup, jax.devices()[:1], batch)
+    assert float(metrics["unvisited_labels_weak"]) == 4 * 2 * (4 - 2)  # groups x images x over
+    _, metrics = run_step(build(CA), jax.devices()[:1], batch)
+    assert float(metrics["unvisited_labels_weak"]) == 0
