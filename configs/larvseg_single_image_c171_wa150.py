@@ -6,22 +6,12 @@ unknown: `:topk=1|10|20|40`.
     python main.py --config configs/larvseg_single_image_c171_wa150.py --workdir runs/single_image
 """
 
-from configs import base
-from configs.paper import paper_config
+from configs import base, larvseg_c171_wa150
 
 
 def get_config(arg=None):
     args = base.parse_args(arg, topk=20)
-    cfg = paper_config(
-        None,
-        sources=("wa150", "c171"),
-        ratio=(1, 1),
-        basic_weights=(0.1, 1.0),
-        ca_weights=(0.1, 0.0),
-        eval_source="a150",
-    )
+    cfg = larvseg_c171_wa150.get_config(f"memory_size=1,topk={args.topk}")
     cfg.ca.single_image = True
-    cfg.ca.memory_size = 1
     cfg.ca.warm_up = 0
-    cfg.ca.topk = args.topk
     return cfg

@@ -98,14 +98,19 @@ def test_loss_and_gradients_match_official(goldens_dir, case, kind):
         np.testing.assert_allclose(g_x, nhwc(d["grad_x"]), rtol=1e-8, atol=1e-12)
 
 
+def golden_logits(meta, d):
+    """Float64 head logits [B, h, w, N] of a loss golden's features (call under x64)."""
+    head = CosineHead(num_classes=d["E"].shape[0], dtype=jnp.float64)
+    return head.apply(
+        {"params": params_of(d)}, jnp.asarray(nhwc(d["x"])), jnp.asarray(meta["cls_index"])
+    )[0]
+
+
 @pytest.mark.parametrize("case", ["b_seg_ce", "b2_seg_ce_x8", "c_weak_ce"])
 def test_loss_grid_inputs_match_official(goldens_dir, case):
     meta, d = load(goldens_dir, case)
     with jax.enable_x64(True):
-        head = CosineHead(num_classes=12, dtype=jnp.float64)
-        logits, _ = head.apply(
-            {"params": params_of(d)}, jnp.asarray(nhwc(d["x"])), jnp.asarray(meta["cls_index"])
-        )
+        logits = golden_logits(meta, d)
         labels = labels_of(d, meta["ignore_index"])
         up, ds = losses.loss_grid_inputs(logits, jnp.asarray(labels), 2)
         np.testing.assert_allclose(up, nhwc(d["logits_up"]), rtol=1e-10, atol=1e-12)
@@ -116,10 +121,7 @@ def test_loss_grid_inputs_match_official(goldens_dir, case):
 def test_pair_ces_in_official_loop_order(goldens_dir, case):
     meta, d = load(goldens_dir, case)
     with jax.enable_x64(True):
-        head = CosineHead(num_classes=12, dtype=jnp.float64)
-        logits, _ = head.apply(
-            {"params": params_of(d)}, jnp.asarray(nhwc(d["x"])), jnp.asarray(meta["cls_index"])
-        )
+        logits = golden_logits(meta, d)
         up, ds = losses.loss_grid_inputs(logits, jnp.asarray(labels_of(d, meta["ignore_index"])), 2)
         _, aux = losses.image_level_ce(up, ds)
         present = np.asarray(aux["present"])

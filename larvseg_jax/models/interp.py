@@ -77,6 +77,15 @@ def _separable(x: jax.Array, mh: np.ndarray, mw: np.ndarray) -> jax.Array:
     return y.astype(x.dtype)
 
 
+def _resize(x: jax.Array, out_hw: tuple[int, int], matrix) -> jax.Array:
+    """[..., H, W, C] -> [..., H', W', C] with `matrix(n_in, n_out)` per axis; same size: x."""
+    h, w = x.shape[-3:-1]
+    out_h, out_w = (int(s) for s in out_hw)
+    if (h, w) == (out_h, out_w):
+        return x
+    return _separable(x, matrix(h, out_h), matrix(w, out_w))
+
+
 def resize_bilinear(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
     """PyTorch `F.interpolate(mode="bilinear", align_corners=False)` on channel-last arrays.
 
@@ -90,11 +99,7 @@ def resize_bilinear(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
     Returns:
       [..., H', W', C] in x's dtype.
     """
-    h, w = x.shape[-3:-1]
-    out_h, out_w = (int(s) for s in out_hw)
-    if (h, w) == (out_h, out_w):
-        return x
-    return _separable(x, _bilinear_matrix(h, out_h), _bilinear_matrix(w, out_w))
+    return _resize(x, out_hw, _bilinear_matrix)
 
 
 def resize_bilinear_adjoint(x: jax.Array, in_hw: tuple[int, int]) -> jax.Array:
@@ -123,11 +128,7 @@ def resize_bicubic_torch(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
     Returns:
       [..., H', W', C] in x's dtype.
     """
-    h, w = x.shape[-3:-1]
-    out_h, out_w = (int(s) for s in out_hw)
-    if (h, w) == (out_h, out_w):
-        return x  # the cubic weights at integer offsets are (0, 1, 0, 0): identity
-    return _separable(x, _bicubic_matrix(h, out_h), _bicubic_matrix(w, out_w))
+    return _resize(x, out_hw, _bicubic_matrix)  # same size: weights (0, 1, 0, 0), identity
 
 
 def resize_pos_embed(

@@ -6,15 +6,7 @@ import numpy as np
 import pytest
 
 from larvseg_jax.models import pretrained, vit
-
-TINY = {
-    "width": 32,
-    "depth": 2,
-    "num_heads": 2,
-    "mlp_dim": 128,
-    "patch_size": 16,
-    "pos_grid": (4, 4),
-}
+from tests.models.golden_vit import TINY
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +16,6 @@ def init_params():
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False)
     )
     return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes["params"])
-
-
-@pytest.fixture(scope="module")
-def golden_g(goldens_dir):
-    return dict(np.load(goldens_dir / "g_vit_npz.npz"))
 
 
 def torch_state_dict(p):
@@ -67,7 +54,9 @@ def torch_state_dict(p):
 
 @pytest.mark.parametrize("filename", ["g_tiny_augreg.npz", "g_tiny_augreg_opt_target.npz"])
 def test_loaded_params_match_official_state_dict(goldens_dir, golden_g, init_params, filename):
-    params = pretrained.load_augreg_npz(goldens_dir / filename, init_params, pos_grid=(4, 4))
+    params = pretrained.load_augreg_npz(
+        goldens_dir / filename, init_params, pos_grid=TINY["pos_grid"]
+    )
     assert jax.tree.structure(params) == jax.tree.structure(init_params)
     assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(params))
     sd = torch_state_dict(params)
@@ -81,7 +70,10 @@ def test_loaded_params_match_official_state_dict(goldens_dir, golden_g, init_par
 def test_pos_table_resize_matches_official_in_float64(goldens_dir, golden_g, init_params):
     with jax.enable_x64(True):
         params = pretrained.load_augreg_npz(
-            goldens_dir / "g_tiny_augreg.npz", init_params, pos_grid=(4, 4), dtype=np.float64
+            goldens_dir / "g_tiny_augreg.npz",
+            init_params,
+            pos_grid=TINY["pos_grid"],
+            dtype=np.float64,
         )
     np.testing.assert_allclose(
         params["Transformer"]["posembed_input"]["pos_embedding"],
@@ -94,7 +86,7 @@ def test_pos_table_resize_matches_official_in_float64(goldens_dir, golden_g, ini
 def test_missing_file_names_the_path(tmp_path, init_params):
     path = tmp_path / "nope.npz"
     with pytest.raises(FileNotFoundError, match="nope.npz"):
-        pretrained.load_augreg_npz(path, init_params, pos_grid=(4, 4))
+        pretrained.load_augreg_npz(path, init_params, pos_grid=TINY["pos_grid"])
 
 
 def test_missing_key_names_file_and_key(goldens_dir, tmp_path, init_params):
@@ -103,7 +95,7 @@ def test_missing_key_names_file_and_key(goldens_dir, tmp_path, init_params):
     path = tmp_path / "cut.npz"
     np.savez(path, **arrays)
     with pytest.raises(ValueError, match=r"cut\.npz.*encoderblock_1/MlpBlock_3/Dense_0/bias"):
-        pretrained.load_augreg_npz(path, init_params, pos_grid=(4, 4))
+        pretrained.load_augreg_npz(path, init_params, pos_grid=TINY["pos_grid"])
 
 
 def test_shape_mismatch_names_file_and_key(goldens_dir):
@@ -112,4 +104,6 @@ def test_shape_mismatch_names_file_and_key(goldens_dir):
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
     )["params"]  # the loader reads only shapes
     with pytest.raises(ValueError, match=r"g_tiny_augreg\.npz: key .*MlpBlock_3/Dense_0/.*expects"):
-        pretrained.load_augreg_npz(goldens_dir / "g_tiny_augreg.npz", params, pos_grid=(4, 4))
+        pretrained.load_augreg_npz(
+            goldens_dir / "g_tiny_augreg.npz", params, pos_grid=TINY["pos_grid"]
+        )

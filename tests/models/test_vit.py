@@ -8,15 +8,8 @@ import numpy as np
 import pytest
 
 from larvseg_jax.models import interp, pretrained, vit
+from tests.models.golden_vit import TINY
 
-TINY = {
-    "width": 32,
-    "depth": 2,
-    "num_heads": 2,
-    "mlp_dim": 128,
-    "patch_size": 16,
-    "pos_grid": (4, 4),
-}
 TAGS = ("in64", "in48", "in40x56", "in32x128")
 
 
@@ -25,17 +18,12 @@ def nhwc(x):  # torch (B, C, h, w) -> (B, h, w, C)
 
 
 @pytest.fixture(scope="module")
-def golden_g(goldens_dir):
-    return dict(np.load(goldens_dir / "g_vit_npz.npz"))
-
-
-@pytest.fixture(scope="module")
 def params(goldens_dir):
     shapes = jax.eval_shape(
         lambda: vit.ViT(**TINY).init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False)
     )
     return pretrained.load_augreg_npz(
-        goldens_dir / "g_tiny_augreg.npz", shapes["params"], pos_grid=(4, 4)
+        goldens_dir / "g_tiny_augreg.npz", shapes["params"], pos_grid=TINY["pos_grid"]
     )
 
 
@@ -61,7 +49,10 @@ def test_eval_output_matches_official_in_float64(goldens_dir, golden_g):
             lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False)
         )
         p64 = pretrained.load_augreg_npz(
-            goldens_dir / "g_tiny_augreg.npz", shapes["params"], pos_grid=(4, 4), dtype=np.float64
+            goldens_dir / "g_tiny_augreg.npz",
+            shapes["params"],
+            pos_grid=TINY["pos_grid"],
+            dtype=np.float64,
         )
         for tag in ("in48", "in32x128"):
             images = jnp.asarray(nhwc(golden_g[f"{tag}_img"]))
