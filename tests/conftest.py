@@ -12,9 +12,9 @@ import pytest
 
 jax.config.update("jax_disable_most_optimizations", True)
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
-GOLDENS = SHARED / "goldens"
-FIXTURES = SHARED / "fixtures"
+TESTS = pathlib.Path(__file__).resolve().parent
+GOLDENS = TESTS / "goldens"  # outputs of the official PyTorch code (goldens/README.md)
+FIXTURES = TESTS / "fixtures"  # real photographs, bad files, upstream class lists (README.md)
 
 
 def pytest_addoption(parser):

@@ -3,7 +3,7 @@
 import json
 import pathlib
 
-_GOLDEN = pathlib.Path(__file__).resolve().parents[3] / "shared" / "goldens" / "g_vit_npz.json"
+_GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "goldens" / "g_vit_npz.json"
 _VIT = json.loads(_GOLDEN.read_text())["vit"]
 
 TINY = {
