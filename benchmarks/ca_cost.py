@@ -22,10 +22,15 @@ import jax
 import numpy as np
 
 from larvseg_jax import ca_classifier, groups, sharding
-from larvseg_jax.experiment import SourceSpec, StepSettings
 from larvseg_jax.models import segmenter, vit
 from larvseg_jax.optim import make_optimizer
-from larvseg_jax.train_step import create_train_state, state_shardings, train_step
+from larvseg_jax.train_step import (
+    SourceSpec,
+    StepSettings,
+    create_train_state,
+    state_shardings,
+    train_step,
+)
 
 
 def build(args, with_ca):

@@ -24,8 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from larvseg_jax import losses
-from larvseg_jax.models import interp
+from larvseg_jax import interp, losses
 
 ZSCORE_EPS = 1e-5
 

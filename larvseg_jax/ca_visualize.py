@@ -12,8 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from larvseg_jax import ca_classifier
-from larvseg_jax.models import interp
+from larvseg_jax import ca_classifier, interp
 
 
 def _heat(att: np.ndarray) -> np.ndarray:

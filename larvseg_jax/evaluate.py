@@ -17,9 +17,8 @@ from absl import logging
 from jax import lax
 
 from larvseg_jax import visualize
-from larvseg_jax.models.interp import resize_bilinear
-
-IGNORE = -1
+from larvseg_jax.interp import resize_bilinear
+from larvseg_jax.vocab import IGNORE
 
 PredictFn = Callable[[jax.Array], jax.Array]  # [1, h, w, 3] -> mask-normed logits [1, h', w', N]
 

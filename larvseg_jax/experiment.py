@@ -8,7 +8,6 @@ import os
 
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from larvseg_jax import groups, vocab
 from larvseg_jax.ca_classifier import CASettings
@@ -16,48 +15,11 @@ from larvseg_jax.data import catalog
 from larvseg_jax.data import sources as data_sources
 from larvseg_jax.models import segmenter, vit
 from larvseg_jax.optim import make_optimizer
+from larvseg_jax.train_step import SourceSpec, StepSettings
+from larvseg_jax.vocab import Vocabulary
 
 SUPERVISED_KINDS = ("seg",)
 IMAGE_LEVEL_KINDS = ("weak", "single")
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceSpec:
-    """Static description of one training source, as the train step needs it."""
-
-    name: str
-    kind: str  # "seg" (pixel labels) | "weak" (multi-label) | "single" (one label per image)
-    cls_index: tuple[int, ...]  # rows of the union table, in the source's label-id order
-    basic_weight: float  # weight of its seg CE or image-level CE (λcls)
-    crop: int  # training crop size
-    ca_weight: float = 0.0  # weight of the CA-classifier's attentive loss (λaux)
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSettings:
-    """Static options of the train step (hashable, bound with functools.partial)."""
-
-    sources: tuple[SourceSpec, ...]
-    group_source_ids: tuple[int, ...]  # [G] index into `sources` per group
-    images_per_group: int
-    seg_normalize: str
-    downsample_rate: int
-    ca: CASettings | None = None  # None = no CA-classifier (the baseline)
-    sample_classes: int = 0  # R of SPEC 2.6 ("s100"); 0 = full vocabulary
-    max_labels: int = 16  # static bound on classes per image (pads pair and sample lists)
-
-    @property
-    def num_groups(self) -> int:
-        return len(self.group_source_ids)
-
-
-@dataclasses.dataclass(frozen=True)
-class Vocabulary:
-    union: tuple[str, ...]
-    eval_names: tuple[str, ...]
-    eval_index: np.ndarray  # [N_eval] rows of the union table
-    base: tuple[str, ...]
-    novel: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,9 @@ mean of the per-group losses, so 1 device and 8 devices compute the same objecti
 
 from collections.abc import Sequence
 
+import jax
+from jax.sharding import Mesh
+
 
 def group_sources(sources: Sequence[str], ratio: Sequence[int], num_groups: int) -> list[str]:
     """Source of each group, round-robin over the sources with ratio[i] groups per repeat.
@@ -45,3 +48,13 @@ def groups_per_device(num_groups: int, num_devices: int) -> int:
             f"set --config.data.num_groups to a multiple of {num_devices}"
         )
     return num_groups // num_devices
+
+
+def local_group_indices(num_groups: int, mesh: Mesh) -> list[int]:
+    """Global group indices whose rows live on this process's devices (contiguous per device)."""
+    per_device = groups_per_device(num_groups, mesh.devices.size)
+    rows = []
+    for pos, device in enumerate(mesh.devices.flat):
+        if device.process_index == jax.process_index():
+            rows.extend(range(pos * per_device, (pos + 1) * per_device))
+    return rows

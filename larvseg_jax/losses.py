@@ -6,9 +6,7 @@ Labels use the source's local class ids with IGNORE = -1 everywhere.
 import jax
 import jax.numpy as jnp
 
-from larvseg_jax.models import interp
-
-IGNORE = -1
+from larvseg_jax import interp
 
 
 def loss_grid_inputs(

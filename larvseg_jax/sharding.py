@@ -25,16 +25,6 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA))
 
 
-def local_group_indices(num_groups: int, mesh: Mesh) -> list[int]:
-    """Global group indices whose rows live on this process's devices (contiguous per device)."""
-    per_device = num_groups // mesh.devices.size
-    rows = []
-    for pos, device in enumerate(mesh.devices.flat):
-        if device.process_index == jax.process_index():
-            rows.extend(range(pos * per_device, (pos + 1) * per_device))
-    return rows
-
-
 def host_batch_to_global(batch: Any, mesh: Mesh) -> Any:
     """Turns this process's rows (leading group axis) into global arrays sharded over DATA."""
     sharding = data_sharded(mesh)

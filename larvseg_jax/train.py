@@ -240,7 +240,7 @@ def train_and_evaluate(
         max_to_keep=cfg.train.max_checkpoints,
         save_every_steps=cfg.train.checkpoint_every_steps,
     )
-    local_groups = sharding.local_group_indices(settings.num_groups, setup.mesh)
+    local_groups = groups.local_group_indices(settings.num_groups, setup.mesh)
     plan = [settings.sources[i].name for i in settings.group_source_ids]
     data_iter = pipeline.make_train_iterator(
         cfg.data,

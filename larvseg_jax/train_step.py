@@ -7,6 +7,7 @@ step is the mean of the group losses, so the gradient is the mean over virtual d
 DDP averages the official per-GPU gradients, on any device count.
 """
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -17,9 +18,38 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from larvseg_jax import ca_classifier, losses, sharding, vocab
-from larvseg_jax.experiment import SourceSpec, StepSettings
+from larvseg_jax import ca_classifier, groups, losses, sharding, vocab
 from larvseg_jax.sharding import DATA
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """Static description of one training source, as the train step needs it."""
+
+    name: str
+    kind: str  # "seg" (pixel labels) | "weak" (multi-label) | "single" (one label per image)
+    cls_index: tuple[int, ...]  # rows of the union table, in the source's label-id order
+    basic_weight: float  # weight of its seg CE or image-level CE (λcls)
+    crop: int  # training crop size
+    ca_weight: float = 0.0  # weight of the CA-classifier's attentive loss (λaux)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """Static options of the train step (hashable, bound with functools.partial)."""
+
+    sources: tuple[SourceSpec, ...]
+    group_source_ids: tuple[int, ...]  # [G] index into `sources` per group
+    images_per_group: int
+    seg_normalize: str
+    downsample_rate: int
+    ca: ca_classifier.CASettings | None = None  # None = no CA-classifier (the baseline)
+    sample_classes: int = 0  # R of SPEC 2.6 ("s100"); 0 = full vocabulary
+    max_labels: int = 16  # static bound on classes per image (pads pair and sample lists)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_source_ids)
 
 
 @flax.struct.dataclass
@@ -226,7 +256,7 @@ def train_step(
       "unvisited_labels_<source>" (labels past max_labels in the step: no CA pair), "lr" and
       "group_loss" [G] (weighted loss per group).
     """
-    groups_per_device = settings.num_groups // mesh.devices.size
+    groups_per_device = groups.groups_per_device(settings.num_groups, mesh.devices.size)
     step_rng = jax.random.fold_in(state.rng, state.step)
 
     def per_device(params, local_batch, banks, rng):

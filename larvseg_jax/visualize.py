@@ -5,8 +5,6 @@ Host-side numpy only: these run on a handful of images per evaluation, after the
 
 import numpy as np
 
-IGNORE = -1
-
 
 def palette(num_classes: int, seed: int = 0) -> np.ndarray:
     """Deterministic, pairwise-distinct colours, none of them black (black marks ignore).

@@ -4,16 +4,25 @@ Classes are matched by name string: a name shared by two sources is one row of t
 embedding table, trained by both. A source only ever sees its own classes in the softmax.
 """
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+IGNORE = -1  # the one label id meaning "unlabelled" in every decoded label array
 
-def c171_v1_names(raw_names: Sequence[str]) -> list[str]:
-    """Paper-time (V1) C171 names: each raw COCO-Stuff name cut at its first "-" (SPEC 1.4)."""
-    return [name.split("-")[0] for name in raw_names]
+
+@dataclasses.dataclass(frozen=True)
+class Vocabulary:
+    """The union table and the evaluation vocabulary with its base/novel split (SPEC 5.3)."""
+
+    union: tuple[str, ...]
+    eval_names: tuple[str, ...]
+    eval_index: np.ndarray  # [N_eval] rows of the union table
+    base: tuple[str, ...]
+    novel: tuple[str, ...]
 
 
 def build_union(name_lists: Sequence[Sequence[str]]) -> tuple[str, ...]:

@@ -2,29 +2,14 @@
 
 import json
 import os
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import reference
-
-try:
-    import larvseg_jax.models.interp  # noqa: F401
-except ModuleNotFoundError:  # TODO(#interp): drop once models/interp.py lands.
-
-    def _resize_bilinear(x, out_hw):
-        shape = (*x.shape[:-3], *out_hw, x.shape[-1])
-        return jax.image.resize(x, shape, "bilinear", antialias=False)
-
-    sys.modules["larvseg_jax.models.interp"] = types.SimpleNamespace(
-        resize_bilinear=_resize_bilinear
-    )
-
 from larvseg_jax import evaluate, visualize
+from tests import reference
 
 N = 5
 RATE = 4  # fake model: logits at 1/4 of the window, like a coarse feature grid

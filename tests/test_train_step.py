@@ -8,10 +8,16 @@ import numpy as np
 import pytest
 
 from larvseg_jax import ca_classifier, groups, sharding
-from larvseg_jax.experiment import SourceSpec, StepSettings
 from larvseg_jax.models import segmenter, vit
 from larvseg_jax.optim import make_optimizer
-from larvseg_jax.train_step import create_train_state, group_loss, state_shardings, train_step
+from larvseg_jax.train_step import (
+    SourceSpec,
+    StepSettings,
+    create_train_state,
+    group_loss,
+    state_shardings,
+    train_step,
+)
 
 SOURCES = (
     SourceSpec("weak", "weak", (0, 1, 2, 3), 0.1, 24, ca_weight=0.1),

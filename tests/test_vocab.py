@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from larvseg_jax import vocab
+from larvseg_jax.data import catalog
 
 
 def read_names(fixtures_dir, name):
@@ -12,7 +13,10 @@ def read_names(fixtures_dir, name):
 
 def test_v1_union_of_a150_and_c171_has_251_names_and_58_shared(fixtures_dir):
     a150 = read_names(fixtures_dir, "ade20k_150_names.txt")
-    c171 = vocab.c171_v1_names(read_names(fixtures_dir, "cocostuff_171_names.txt"))
+    raw_c171 = read_names(fixtures_dir, "cocostuff_171_names.txt")
+    c171 = list(catalog.class_names("c171"))
+    assert c171 == [n.split("-")[0] for n in raw_c171]  # V1: cut at the first "-" (SPEC 1.4)
+    assert list(catalog.class_names("a150")) == a150
     assert len(c171) == 171 and len(set(c171)) == 159  # wall x7, floor x5, ... (SPEC 1.4)
     union = vocab.build_union([a150, c171])
     assert len(union) == 251

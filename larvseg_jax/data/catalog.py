@@ -51,10 +51,3 @@ def class_names(name: str) -> tuple[str, ...]:
     if card.naming == "c171_v1":
         names = [n.split("-")[0] for n in names]
     return tuple(names)
-
-
-@functools.cache
-def wnids(name: str) -> tuple[str, ...]:
-    """WordNet ids of an ImageNet subset, aligned with class_names."""
-    lines = (CLASSES_DIR / CARDS[name].classes_file).read_text().splitlines()
-    return tuple(line.split("\t")[0] for line in lines)

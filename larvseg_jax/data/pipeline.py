@@ -19,8 +19,8 @@ import grain
 import numpy as np
 
 from larvseg_jax.data import sources, transforms
-from larvseg_jax.data.sources import IGNORE
 from larvseg_jax.data.transforms import MEAN, STD
+from larvseg_jax.vocab import IGNORE
 
 __all__ = ["IGNORE", "MEAN", "STD", "make_eval_dataset", "make_train_iterator"]
 

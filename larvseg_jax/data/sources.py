@@ -29,7 +29,6 @@ from tensorflow_datasets.core.utils import py_utils
 
 from larvseg_jax.data import catalog
 
-IGNORE = -1
 ROOT = "larvseg_records"  # builder name: every source lives under <data_dir>/larvseg_records/
 VERSION = "1.0.0"
 KINDS = ("seg", "weak", "single", "eval")

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from larvseg_jax.data.sources import IGNORE
+from larvseg_jax.vocab import IGNORE
 
 MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # ImageNet RGB (SPEC 4 step 6)
 STD = np.array([58.395, 57.12, 57.375], np.float32)

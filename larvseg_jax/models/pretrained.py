@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from larvseg_jax.models import interp
+from larvseg_jax import interp
 
 _PREFIX = "opt/target/"
 _POS_KEY = "Transformer/posembed_input/pos_embedding"

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from larvseg_jax import interp
 from larvseg_jax.models import attention as attention_lib
-from larvseg_jax.models import interp
 
 LN_EPS = 1e-6
 POS_RESIZE_RULES = ("shape", "token_count")

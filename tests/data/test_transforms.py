@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from larvseg_jax.data import transforms
-from larvseg_jax.data.sources import IGNORE
+from larvseg_jax.vocab import IGNORE
 
 
 def _example(h=20, w=30, label=None):

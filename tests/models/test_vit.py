@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from larvseg_jax.models import interp, pretrained, vit
+from larvseg_jax import interp
+from larvseg_jax.models import pretrained, vit
 from tests.models.golden_vit import TINY
 
 TAGS = ("in64", "in48", "in40x56", "in32x128")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from larvseg_jax.models import interp
+from larvseg_jax import interp
 
 BILINEAR_CASES = ("8to16", "8to64", "20to160", "5x7to13x11", "down_64to45x37")
 
