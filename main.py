@@ -1,6 +1,10 @@
 """Entry point: python main.py --config configs/<name>.py --workdir DIR [--mode ...] [--config.x=y]."""
 
+import ast
+import difflib
+import importlib.util
 import os
+import pathlib
 import signal
 import sys
 
@@ -11,25 +15,79 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, eval JSON and TensorBoard go here.")
 flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval"], "What to run.")
-flags.mark_flags_as_required(["config", "workdir"])
 
-USER_ERRORS = (FileNotFoundError, PermissionError, ValueError, KeyError)
+CONFIGS = pathlib.Path(__file__).resolve().parent / "configs"
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
+COMMON_KEYS = (
+    ("train.total_steps", "steps to train (320000 in the paper)"),
+    ("data.dir", "folder holding larvseg_records/ (data_prep/ writes it)"),
+    ("data.sources.<name>.weight", "a source's loss weight (λcls); also .ca_weight, .ratio, .crop"),
+    ("model.pretrained", "AugReg ViT-B/16 .npz to start from"),
+    ("ca.enabled", "CA-classifier on/off; ca.memory_size (M), ca.topk (K)"),
+    ("optim.lr", "SGD base learning rate"),
+    ("data.num_groups", "virtual devices per step (a multiple of the device count)"),
+    ("eval.step", "checkpoint step for --mode eval (-1 = latest)"),
+)
+USAGE = (
+    "python main.py --config configs/<name>.py[:arg] --workdir DIR "
+    "[--mode train|eval|train_and_eval] [--config.KEY=VALUE ...]"
+)
 
 
-def _quiet_libraries(record) -> bool:
-    """Keeps our INFO lines; from orbax, tfds and grain only warnings and errors."""
-    noisy = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/etils/")
-    return record.levelno >= 30 or not any(p in record.pathname for p in noisy)
+def config_summaries() -> list[tuple[str, str]]:
+    """(path, first docstring line) of every config, read without importing it."""
+    out = []
+    for path in sorted(CONFIGS.glob("*.py")):
+        if path.name in ("__init__.py", "paper.py"):
+            continue
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        out.append((f"configs/{path.name}", doc.strip().splitlines()[0] if doc.strip() else ""))
+    return out
+
+
+def help_text() -> str:
+    width = max(len(p) for p, _ in config_summaries())
+    lines = [f"usage: {USAGE}", "", "Trains and evaluates LarvSeg (PRCV 2024) in JAX.", ""]
+    lines += [
+        "flags:",
+        "  --config    an experiment file below; `:arg` passes a sweep argument",
+        "  --workdir   checkpoints, eval JSON and TensorBoard; re-running resumes",
+        "  --mode      train_and_eval (default) | train | eval (restores a checkpoint)",
+        "",
+        "configs:",
+    ]
+    lines += [f"  {path:<{width}}  {doc}" for path, doc in config_summaries()]
+    lines += ["", "most used keys (--config.KEY=VALUE; configs/base.py lists every key):"]
+    lines += [f"  {key:<28}  {what}" for key, what in COMMON_KEYS]
+    lines += ["", "LARVSEG_TRACEBACK=1 shows the traceback of a one-line error."]
+    return "\n".join(lines)
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt  # a preemption (SIGTERM) saves a checkpoint like Ctrl-C
 
 
+# Benign library lines printed on every run; one clean line per event is the goal.
+BENIGN = (
+    "Unable to initialize backend 'tpu'",  # jax probing for a TPU on a CPU/GPU machine
+    "Using custom data configuration",  # tfds, once per source opened
+    "OpenCV is not installed",  # tfds: PIL decodes our PNG/JPEG records fine
+)
+
+
+def _quiet_libraries(record) -> bool:
+    """Keeps our INFO lines; from orbax, tfds and grain only warnings and errors; no BENIGN."""
+    noisy = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/etils/", "/jax/_src/")
+    if record.levelno < 30 and any(p in record.pathname for p in noisy):
+        return False
+    return not any(text in str(record.msg) for text in BENIGN)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from larvseg_jax import train  # after flag parsing: jax reads XLA_FLAGS at import
+    from larvseg_jax.errors import UserError
 
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_quiet_libraries)
@@ -46,7 +104,7 @@ def main(argv):
             "interrupted: a checkpoint was saved; run the same command to resume", file=sys.stderr
         )
         sys.exit(130)
-    except (train.TrainingError, *USER_ERRORS) as e:
+    except UserError as e:
         if os.environ.get("LARVSEG_TRACEBACK"):
             raise
         print(f"error: {e}  (LARVSEG_TRACEBACK=1 shows the traceback)", file=sys.stderr)
@@ -58,17 +116,72 @@ def main(argv):
         )
 
 
+def _fail(message: str) -> None:
+    print(f"error: {message}\nusage: {USAGE}\n(--help lists the configs)", file=sys.stderr)
+    sys.exit(2)
+
+
+def _config_path(argv) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _check_config_file(spec: str):
+    """Loads `path[:arg]` once, so a missing file or a bad argument is one line, not a traceback."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        _fail(f"config file {path!r} not found")
+    module_spec = importlib.util.spec_from_file_location("_larvseg_config_check", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+        return module.get_config(arg or None)
+    except (ValueError, KeyError, TypeError) as e:
+        _fail(f"{path}: {e}")
+
+
+def _bad_key_hint(cfg) -> str:
+    """`--config.KEY: no such key` with the closest known keys."""
+    known = _flat_keys(cfg)
+    for arg in sys.argv[1:]:
+        key = arg.split("=")[0].removeprefix("--config.")
+        if arg.startswith("--config.") and key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            return f"--config.{key}: no such key{hint} (configs/base.py lists every key)"
+    return ""
+
+
+def _flat_keys(cfg, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        keys += _flat_keys(v, f"{prefix}{k}.") if hasattr(v, "items") else [f"{prefix}{k}"]
+    return keys
+
+
 def parse_flags(argv):
-    """absl's parser, but a bad --config.key override is one line, not a traceback."""
+    """absl's parser with one-line errors and a --help that lists the configs (exit 0)."""
+    if any(a in HELP_FLAGS for a in argv[1:]):
+        print(help_text())
+        sys.exit(0)
+    path = _config_path(argv)
+    if path is None:
+        _fail("--config is required")
+    cfg = _check_config_file(path)
     try:
         rest = FLAGS(argv)
-        FLAGS.config.keys()  # loads the config file now, so a missing file fails here
-        return rest
+        FLAGS.config.keys()  # loads the config file now
     except (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError) as e:
-        text = str(e).replace("\\n", "\n").replace("\\'", "'")
-        text = " ".join(line.strip(" '\"") for line in text.splitlines() if line.strip(" '\""))
-        print(f"error: bad command line: {text}", file=sys.stderr)
-        sys.exit(2)
+        text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        text = _bad_key_hint(cfg) or text
+        _fail(f"bad command line: {text}")
+    if not FLAGS.workdir:
+        _fail("--workdir is required")
+    return rest
 
 
 if __name__ == "__main__":

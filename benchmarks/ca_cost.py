@@ -40,7 +40,7 @@ def build(args, with_ca):
         SourceSpec("seg", "seg", tuple(range(n_weak // 2, args.classes)), 1.0, args.crop),
     )
     plan = groups.group_sources(["weak", "seg"], [1, 1], args.groups)
-    ca = ca_classifier.CASettings(memory_size=args.memory, topk=args.topk, max_labels=16)
+    ca = ca_classifier.CASettings(memory_size=args.memory, topk=args.topk)
     settings = StepSettings(
         sources=sources,
         group_source_ids=tuple(["weak", "seg"].index(s) for s in plan),

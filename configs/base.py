@@ -16,13 +16,51 @@ def parse_args(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     args = ml_collections.ConfigDict(defaults)
     for item in filter(None, (arg or "").split(",")):
         key, sep, value = item.partition("=")
+        if not defaults:
+            raise ValueError(f"this config takes no argument (got {item!r})")
         if not sep or key not in defaults:
             raise ValueError(
-                f"config argument {item!r} is not one of {sorted(defaults)} (form: key=value,...)"
+                f"config argument {item!r} is not one of {', '.join(defaults)} (form: key=value,...)"
             )
         kind = type(defaults[key])
-        args[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        try:
+            args[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError:
+            raise ValueError(f"config argument {key}={value!r} must be a {kind.__name__}") from None
     return args
+
+
+def source(
+    *,
+    order: int,
+    ratio: int,
+    crop: int,
+    weight: float,
+    ca_weight: float = 0.0,
+    scale_range: tuple[float, float] = (0.5, 2.0),
+) -> ml_collections.ConfigDict:
+    """One training source, as a row of the paper's tables reads.
+
+    Args:
+      order: its place in the official `rank % n` pattern (GPU r holds the source of order
+        r % n); orders are 0..n-1.
+      ratio: virtual devices (groups) it holds per repeat of the pattern (4:4 or 3:3:2 in the
+        paper).
+      crop: training crop size (512; 320 for ImageNet in the paper).
+      weight: weight of its seg CE or image-level CE (λcls).
+      ca_weight: weight of its CA-classifier attentive loss (λaux); used when ca.enabled.
+      scale_range: random rescale ratio range.
+    """
+    return ml_collections.ConfigDict(
+        {
+            "order": order,
+            "ratio": ratio,
+            "crop": crop,
+            "weight": float(weight),
+            "ca_weight": float(ca_weight),
+            "scale_range": tuple(float(x) for x in scale_range),
+        }
+    )
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -35,32 +73,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.model.variant = "tiny"  # "B/16" (the paper's ViT-B/16) | "tiny" | "micro" (tests)
     cfg.model.drop_path_rate = 0.1  # stochastic depth, linspace(0, rate, depth) per block
     cfg.model.pos_grid = (8, 8)  # grid of the stored position table (32x32 for ViT-B/16 at 512)
-    cfg.model.pos_resize_rule = (
-        "shape"  # "shape" (resize whenever the grid differs) | "token_count" (SPEC D1, faithful)
-    )
+    # "shape" resizes the position table whenever the grid differs (fixed by default);
+    # "token_count" only when the token count differs (the official rule, SPEC D1).
+    cfg.model.pos_resize_rule = "shape"
     cfg.model.attention = "custom_vjp"  # "custom_vjp" (fast on CPU) | "xla" | "cudnn" (GPU)
     cfg.model.pretrained = ""  # AugReg .npz to initialise the ViT from; "" = random init
     cfg.model.dtype = "float32"  # compute dtype; params stay float32
 
     # ---- data (SPEC 3, 4, 5) ----
     cfg.data = ml_collections.ConfigDict()
-    cfg.data.dir = (
-        ""  # where the ArrayRecord sources live; "" = <workdir>/data (synthetic is generated there)
+    # Where the ArrayRecord sources live (data_prep/ writes them). "" = the synthetic world's
+    # cache ($LARVSEG_CACHE or ~/.cache/larvseg_jax), where it is generated once per knobs.
+    cfg.data.dir = ""
+    # Training sources keyed by dataset code; the catalog (larvseg_jax/data/catalog.py) gives
+    # each its kind (seg | weak | single) and vocabulary. Fields of each: see `source` above.
+    cfg.data.sources = ml_collections.ConfigDict(
+        {
+            "syn_weak": source(order=0, ratio=3, crop=64, weight=0.2, ca_weight=0.1),
+            "syn_seg": source(order=1, ratio=3, crop=64, weight=1.0),
+            "syn_single": source(order=2, ratio=2, crop=48, weight=0.2, ca_weight=0.1),
+        }
     )
-    cfg.data.sources = (
-        "syn_weak",
-        "syn_seg",
-        "syn_single",
-    )  # training sources, in "rank % n" order
-    cfg.data.ratio = (3, 3, 2)  # virtual devices per source within each repeat of the pattern
     cfg.data.num_groups = 8  # virtual devices per step (the paper's 8 GPUs); each holds one source
     cfg.data.images_per_group = 2  # B, images per virtual device (samples_per_gpu)
-    cfg.data.crop_sizes = (64, 64, 48)  # training crop per source (512 / 320 in the paper)
-    cfg.data.scale_ranges = (
-        (0.5, 2.0),
-        (0.5, 2.0),
-        (0.5, 2.0),
-    )  # random rescale ratio range per source
     cfg.data.cat_max_ratio = 0.75  # RandomCrop re-draw rule (SPEC 4 step 3)
     cfg.data.photometric = True  # mmseg PhotoMetricDistortion
     cfg.data.num_workers = 0  # grain worker processes (0 = in-process)
@@ -82,12 +117,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ---- losses (SPEC 2) ----
     cfg.loss = ml_collections.ConfigDict()
-    cfg.loss.basic_weights = (
-        0.2,
-        1.0,
-        0.2,
-    )  # per source: weight of seg CE or image-level CE (λcls)
-    cfg.loss.ca_weights = (0.1, 0.0, 0.1)  # per source: weight of the CA attentive loss (λaux)
     cfg.loss.sample_classes = 0  # SPEC 2.6 "s100": softmax over 100 random + present classes
     cfg.loss.seg_normalize = "all_pixels"  # "all_pixels" (faithful, SPEC B10) | "valid_pixels"
     cfg.loss.downsample_rate = 2  # loss grid = input / 2 (SPEC 2.1)
@@ -108,9 +137,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ---- optimiser (SPEC 4) ----
     cfg.optim = ml_collections.ConfigDict()
-    cfg.optim.lr = (
-        0.02  # SGD base lr (paper: 1e-3 from AugReg weights; the tiny ViT starts from scratch)
-    )
+    # SGD base lr (paper: 1e-3 from AugReg weights; the tiny ViT starts from scratch).
+    cfg.optim.lr = 0.02
     cfg.optim.end_lr = 1e-5  # poly schedule floor
     cfg.optim.power = 0.9  # poly exponent
     cfg.optim.momentum = 0.9  # PyTorch-style heavy ball

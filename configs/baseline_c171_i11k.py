@@ -7,13 +7,16 @@ ImageNet classes (SPEC 8). `:steps=1280000` for the paper's schedule.
 """
 
 from configs import base
-from configs.paper import paper_config
+from configs.paper import paper_config, source
 
 
 def get_config(arg=None):
     args = base.parse_args(arg, steps=320_000)
     cfg = paper_config(
-        None, sources=("i11k", "c171"), ratio=(1, 1), basic_weights=(0.2, 1.0), eval_source="a585"
+        None,
+        eval_source="a585",
+        i11k=source(0, ratio=1, weight=0.2),
+        c171=source(1, ratio=1, weight=1.0),
     )
     cfg.loss.sample_classes = 100
     cfg.train.total_steps = args.steps

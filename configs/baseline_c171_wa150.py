@@ -4,10 +4,13 @@ Official: configs/baseline_coco171_ade150w/vitb16_320k_wa150_c171_ab0.1.py (λcl
     python main.py --config configs/baseline_c171_wa150.py --workdir runs/baseline_c171_wa150
 """
 
-from configs.paper import paper_config
+from configs.paper import paper_config, source
 
 
 def get_config(arg=None):
     return paper_config(
-        arg, sources=("wa150", "c171"), ratio=(1, 1), basic_weights=(0.1, 1.0), eval_source="a150"
+        arg,
+        eval_source="a150",
+        wa150=source(0, ratio=1, weight=0.1),
+        c171=source(1, ratio=1, weight=1.0),
     )

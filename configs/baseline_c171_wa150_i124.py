@@ -5,14 +5,14 @@ Official: configs/baseline_coco171_ade150w_in124/vitb16_320k_wa150_c171_i124_ib0
     python main.py --config configs/baseline_c171_wa150_i124.py --workdir runs/baseline_c171_wa150_i124
 """
 
-from configs.paper import paper_config
+from configs.paper import paper_config, source
 
 
 def get_config(arg=None):
     return paper_config(
         arg,
-        sources=("wa150", "c171", "i124"),
-        ratio=(3, 3, 2),
-        basic_weights=(0.2, 1.0, 0.2),
         eval_source="a150",
+        wa150=source(0, ratio=3, weight=0.2),
+        c171=source(1, ratio=3, weight=1.0),
+        i124=source(2, ratio=2, weight=0.2),
     )

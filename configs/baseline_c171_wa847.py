@@ -4,10 +4,13 @@ Official: configs/baseline_coco171_ade847w/vitb16_320k_wa847_c171_ab0.2.py (no c
     python main.py --config configs/baseline_c171_wa847.py --workdir runs/baseline_c171_wa847
 """
 
-from configs.paper import paper_config
+from configs.paper import paper_config, source
 
 
 def get_config(arg=None):
     return paper_config(
-        arg, sources=("wa847", "c171"), ratio=(1, 1), basic_weights=(0.2, 1.0), eval_source="a847"
+        arg,
+        eval_source="a847",
+        wa847=source(0, ratio=1, weight=0.2),
+        c171=source(1, ratio=1, weight=1.0),
     )

@@ -4,14 +4,14 @@ Official: configs/baseline_coco171_ade847w_in585/vitb16_320k_wa847_c171_i585_ib0
     python main.py --config configs/baseline_c171_wa847_i585.py --workdir runs/baseline_c171_wa847_i585
 """
 
-from configs.paper import paper_config
+from configs.paper import paper_config, source
 
 
 def get_config(arg=None):
     return paper_config(
         arg,
-        sources=("wa847", "c171", "i585"),
-        ratio=(3, 3, 2),
-        basic_weights=(0.2, 1.0, 0.2),
         eval_source="a847",
+        wa847=source(0, ratio=3, weight=0.2),
+        c171=source(1, ratio=3, weight=1.0),
+        i585=source(2, ratio=2, weight=0.2),
     )

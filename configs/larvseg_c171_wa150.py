@@ -8,18 +8,16 @@ Table 6 sweeps (K = 40 for the M sweep, M = 20 for the K sweep):
 """
 
 from configs import base
-from configs.paper import paper_config
+from configs.paper import paper_config, source
 
 
 def get_config(arg=None):
     args = base.parse_args(arg, memory_size=20, topk=20)
     cfg = paper_config(
         None,
-        sources=("wa150", "c171"),
-        ratio=(1, 1),
-        basic_weights=(0.1, 1.0),
-        ca_weights=(0.1, 0.0),
         eval_source="a150",
+        wa150=source(0, ratio=1, weight=0.1, ca_weight=0.1),
+        c171=source(1, ratio=1, weight=1.0),
     )
     cfg.ca.memory_size = args.memory_size
     cfg.ca.topk = args.topk

@@ -9,22 +9,22 @@ Table 4 (CA-classifier on one source only):
 """
 
 from configs import base
-from configs.paper import paper_config
+from configs.paper import paper_config, source
 
-CA_WEIGHTS = {"both": (0.1, 0.0, 0.1), "i124": (0.0, 0.0, 0.1), "wa150": (0.1, 0.0, 0.0)}
+CA_ON = {"both": ("wa150", "i124"), "i124": ("i124",), "wa150": ("wa150",)}  # λaux 0.1 on these
 
 
 def get_config(arg=None):
     args = base.parse_args(arg, ca_on="both", topk=40)
-    if args.ca_on not in CA_WEIGHTS:
-        raise ValueError(f"ca_on must be one of {sorted(CA_WEIGHTS)}, got {args.ca_on!r}")
+    if args.ca_on not in CA_ON:
+        raise ValueError(f"ca_on must be one of {sorted(CA_ON)}, got {args.ca_on!r}")
+    ca = {name: 0.1 if name in CA_ON[args.ca_on] else 0.0 for name in ("wa150", "i124")}
     cfg = paper_config(
         None,
-        sources=("wa150", "c171", "i124"),
-        ratio=(3, 3, 2),
-        basic_weights=(0.2, 1.0, 0.2),
-        ca_weights=CA_WEIGHTS[args.ca_on],
         eval_source="a150",
+        wa150=source(0, ratio=3, weight=0.2, ca_weight=ca["wa150"]),
+        c171=source(1, ratio=3, weight=1.0),
+        i124=source(2, ratio=2, weight=0.2, ca_weight=ca["i124"]),
     )
     cfg.ca.topk = args.topk
     cfg.ca.bg_thresh = 0.35

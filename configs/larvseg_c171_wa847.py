@@ -5,17 +5,15 @@ Official: configs/coseg_coco171_ade847w/vitb16_320k_wa847_c171_s100_ab0.2_co_ac0
     python main.py --config configs/larvseg_c171_wa847.py --workdir runs/larvseg_c171_wa847
 """
 
-from configs.paper import paper_config
+from configs.paper import paper_config, source
 
 
 def get_config(arg=None):
     cfg = paper_config(
         arg,
-        sources=("wa847", "c171"),
-        ratio=(1, 1),
-        basic_weights=(0.2, 1.0),
-        ca_weights=(0.1, 0.0),
         eval_source="a847",
+        wa847=source(0, ratio=1, weight=0.2, ca_weight=0.1),
+        c171=source(1, ratio=1, weight=1.0),
     )
     cfg.loss.sample_classes = 100
     return cfg

@@ -7,18 +7,17 @@ vitb16_320k_wa847_c171_i585_s100_ib0.2_ab0.2_co_ic0.1_ac0.1_mbs20_wu1_fg20_bg5_b
 """
 
 from configs import base
-from configs.paper import paper_config
+from configs.paper import paper_config, source
 
 
 def get_config(arg=None):
     args = base.parse_args(arg, mse=2.0)
     cfg = paper_config(
         None,
-        sources=("wa847", "c171", "i585"),
-        ratio=(3, 3, 2),
-        basic_weights=(0.2, 1.0, 0.2),
-        ca_weights=(0.1, 0.0, 0.1),
         eval_source="a847",
+        wa847=source(0, ratio=3, weight=0.2, ca_weight=0.1),
+        c171=source(1, ratio=3, weight=1.0),
+        i585=source(2, ratio=2, weight=0.2, ca_weight=0.1),
     )
     cfg.loss.sample_classes = 100
     cfg.ca.bg_thresh = 0.35

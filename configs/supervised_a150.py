@@ -6,7 +6,7 @@ x 2 images, evaluated on A150 val. `:dataset=a847` gives the A847 bound (paper: 
 """
 
 from configs import base
-from configs.paper import paper_config
+from configs.paper import paper_config, source
 
 
 def get_config(arg=None):
@@ -15,10 +15,8 @@ def get_config(arg=None):
         raise ValueError(f"dataset must be a150 or a847, got {args.dataset!r}")
     cfg = paper_config(
         None,
-        sources=(f"{args.dataset}_seg",),
-        ratio=(1,),
-        basic_weights=(1.0,),
         eval_source=args.dataset,
+        **{f"{args.dataset}_seg": source(0, ratio=1, weight=1.0)},
     )
     cfg.data.base_from = "c171"  # report base/novel with the paper's split
     return cfg

@@ -3,15 +3,17 @@
 python main.py --config configs/synthetic_baseline_weak.py --workdir runs/baseline_weak
 """
 
+import ml_collections
+
 from configs import base
 
 
 def get_config(arg=None):
     cfg = base.get_config(arg)
-    cfg.data.sources = ("syn_weak", "syn_seg")
-    cfg.data.ratio = (1, 1)
-    cfg.data.crop_sizes = (64, 64)
-    cfg.data.scale_ranges = ((0.5, 2.0), (0.5, 2.0))
-    cfg.loss.basic_weights = (0.1, 1.0)
-    cfg.loss.ca_weights = (0.1, 0.0)
+    cfg.data.sources = ml_collections.ConfigDict(
+        {
+            "syn_weak": base.source(order=0, ratio=1, crop=64, weight=0.1, ca_weight=0.1),
+            "syn_seg": base.source(order=1, ratio=1, crop=64, weight=1.0),
+        }
+    )
     return cfg

@@ -10,5 +10,4 @@ def get_config(arg=None):
     cfg = synthetic_baseline_weak.get_config(arg)
     larv = synthetic_larvseg.get_config()
     cfg.ca = larv.ca
-    cfg.loss.ca_weights = (0.1, 0.0)
     return cfg

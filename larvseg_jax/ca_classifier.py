@@ -58,7 +58,6 @@ class CASettings:
     bg_thresh: float = 0.2  # ... above this threshold
     bg_mse_thresh: float = 1.0  # decorrelation filter: keep a bg class if mse > this
     single_image: bool = False  # SPEC 2.5: enqueue the current image first, then score
-    max_labels: int = 16  # static bound on labels per image (pairs are padded to it)
     mask_cold_background: bool = False  # fix B2: ignore bg classes whose bank never wrapped
     nan_safe_mse: bool = False  # fix B4: epsilon in the mse z-scores (constant maps kept)
 
@@ -122,7 +121,7 @@ def _zscore(x: jax.Array, *, ddof: int, eps: float, axis: int = 0) -> jax.Array:
 
 
 def top_score_mean(score: jax.Array, k: int) -> jax.Array:
-    """[..., P, N] raw scores -> [..., N] mean of each class's top-k pixel scores (bg candidates)."""
+    """[..., P, N] raw scores -> [..., N] mean of each class's top-k scores (bg candidates)."""
     k = min(k, score.shape[-2])
     return jnp.mean(jax.lax.top_k(jnp.swapaxes(score, -1, -2), k)[0], axis=-1)
 
@@ -162,6 +161,17 @@ def _masked_mean(values: jax.Array, mask: jax.Array, fallback: jax.Array) -> jax
     return jnp.where(count > 0, total / jnp.maximum(count, 1), fallback)
 
 
+def _topk_feats(embed: jax.Array, score: jax.Array, labels: jax.Array, topk: int) -> jax.Array:
+    """[B, L, K, D] what each pair enqueues: the K pixels scoring highest on its label.
+
+    Top-K by the raw cosine of the label over the whole image, not restricted to its GT pixels
+    (SPEC 2.4 step 5). It does not depend on the bank, so a step's writes are known up front.
+    """
+    fg_raw = jnp.swapaxes(jnp.take_along_axis(score, labels[:, None, :], axis=2), 1, 2)
+    top = jax.lax.top_k(fg_raw, topk)[1]  # [B, L, K]
+    return jax.vmap(lambda e, i: e[i])(embed, top)
+
+
 def _place_writes(
     bank: Bank, rows: jax.Array, ok: jax.Array, new_means: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -182,6 +192,121 @@ def _place_writes(
     return slots, survives, jnp.where(ok[:, None], (new_means - old) / m, 0.0)
 
 
+def _seen_writes(num_pairs: int, single_image: bool) -> jax.Array:
+    """[T, T] bool: whether pair i's scores see this step's write j (the official loop order).
+
+    Cross-image (SPEC 2.4 "Ordering"), a pair scores after the writes of the pairs before it and
+    before its own; in single-image mode (SPEC 2.5) it enqueues first, so it also sees its own.
+    """
+    earlier = jnp.tril(jnp.ones((num_pairs, num_pairs), bool), -1)
+    return (earlier | jnp.eye(num_pairs, dtype=bool)) if single_image else earlier
+
+
+class _PairScores(NamedTuple):
+    """What the pairs of one group see of the bank (L' indexes an image's visited labels)."""
+
+    s_fg: jax.Array  # [B, L, P] S_fg of each pair
+    s_labels: jax.Array  # [B, L, P, L'] each pair's scores of its image's visited labels
+    s_first: jax.Array | None  # [B, P, N] the whole vocabulary, as the image's first pair sees it
+    full_seen: jax.Array  # [B, L, N] the wrap counters each pair sees (warm-up, fix B2)
+
+
+def _pair_scores(
+    bank: Bank,
+    embed: jax.Array,
+    labels: jax.Array,
+    rows: jax.Array,
+    seen: jax.Array,
+    delta: jax.Array,
+    cls_index: jax.Array,
+    vocab: bool,
+) -> _PairScores:
+    """Mean bank cosines of every pair, each against the bank as it is at its turn in the loop.
+
+    A mean cosine over a class's M*K unit vectors is a dot product with the class mean, so a
+    pair's score is the step-start score `base` plus the score changes `gain` of the writes it
+    sees (`seen` [T, T], `delta` [T, D] from `_place_writes`). Only the image's own labels are
+    scored per pair; the whole vocabulary (`s_first`, only if `vocab`) is scored once per image,
+    with the bank of its first pair: all that single-label images and unvisited labels need.
+    """
+    b, l = labels.shape
+    dtype = bank.slot_means.dtype
+    m = bank.slot_means.shape[1]
+    of_column = rows[:, None] == cls_index[None]  # [T, N] write t changes column n
+    writes_seen = seen.astype(jnp.int32) @ of_column.astype(jnp.int32)  # [T, N]
+    full_seen = bank.full[cls_index] + (bank.ptr[cls_index] + writes_seen) // m  # [T, N]
+    f = embed / jnp.linalg.norm(embed, axis=-1, keepdims=True)
+    f = f.astype(dtype)
+    base = jnp.einsum("bpd,nd->bpn", f, bank.means[cls_index])  # [B, P, N] step start
+    gain = jnp.einsum("bpd,td->bpt", f, delta)  # [B, P, T] score change by each write
+    seen = seen.reshape(b, l, -1)
+    label_of_write = rows.reshape(b, l)[:, :, None] == rows[None, None]  # [B, L', T]
+    s_labels = jnp.take_along_axis(base, labels[:, None, :], axis=2)[:, None] + jnp.einsum(
+        "bpt,bkjt->bkpj", gain, (seen[:, :, None] & label_of_write[:, None]).astype(dtype)
+    )
+    s_fg = jnp.moveaxis(jnp.diagonal(s_labels, axis1=1, axis2=3), -1, 1)  # [B, L, P]
+    s_first = None
+    if vocab:
+        s_first = base + jnp.einsum(
+            "bpt,btn->bpn", gain, (seen[:, 0, :, None] & of_column[None]).astype(dtype)
+        )
+    return _PairScores(s_fg, s_labels, s_first, full_seen.reshape(b, l, -1))
+
+
+def _multi_label_bg(
+    scores: _PairScores,
+    labels: jax.Array,
+    valid: jax.Array,
+    present: jax.Array,
+    cold_ok: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """S_bg [B, L, P] and background classes [B, L, N] of multi-label images (SPEC 2.4 step 2).
+
+    Every other ground-truth class of the image is background. A visited label is scored as the
+    pair sees it (`s_labels`); labels past max_labels are never written this step, so their bank
+    is the one the image's first pair sees (`s_first`). `cold_ok` [B, L, N] is all True unless
+    fix B2 drops never-wrapped classes.
+    """
+    l = labels.shape[1]
+    dtype = scores.s_labels.dtype
+    multi = valid[:, None, :] & ~jnp.eye(l, dtype=bool)[None]  # [B, L, L']
+    multi = multi & jnp.take_along_axis(cold_ok, jnp.broadcast_to(labels[:, None], multi.shape), 2)
+    visited = jax.vmap(lambda c, v: jnp.zeros(present.shape[-1], bool).at[c].max(v))(labels, valid)
+    unvisited = present & ~visited & cold_ok[:, 0]  # [B, N]
+    count = jnp.sum(multi, -1) + jnp.sum(unvisited, -1)[:, None]  # [B, L]
+    total = (
+        jnp.einsum("bkpj,bkj->bkp", scores.s_labels, multi.astype(dtype))
+        + jnp.einsum("bpn,bn->bp", scores.s_first, unvisited.astype(dtype))[:, None]
+    )
+    s_bg = jnp.where(
+        count[..., None] > 0, total / jnp.maximum(count, 1)[..., None], 1 - scores.s_fg
+    )
+    bg_mask = present[:, None] & (jnp.arange(present.shape[-1]) != labels[..., None])
+    return s_bg, bg_mask & cold_ok
+
+
+def _single_label_bg(
+    scores: _PairScores,
+    score: jax.Array,
+    labels: jax.Array,
+    cfg: CASettings,
+    class_mask: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
+    """S_bg [B, P] and background classes [B, N] of single-label images (their one pair, l = 0).
+
+    Thresholded candidates from the whole vocabulary, filtered by `single_label_background`,
+    scored against the bank as the image's pair sees it; 1 - S_fg when none is kept.
+    """
+    top_mean = top_score_mean(score, cfg.bg_topk)  # [B, N]
+    if class_mask is not None:  # padding columns never become background candidates
+        top_mean = jnp.where(class_mask, top_mean, -jnp.inf)
+    s_fg = scores.s_fg[:, 0]
+    mask = jax.vmap(single_label_background, in_axes=(0, 0, 0, 0, 0, None))(
+        scores.s_first, s_fg, labels[:, 0], top_mean, scores.full_seen[:, 0], cfg
+    )
+    return _masked_mean(scores.s_first, mask, 1 - s_fg), mask
+
+
 def attend(
     bank: Bank,
     embed: jax.Array,
@@ -190,6 +315,8 @@ def attend(
     cls_index: jax.Array,
     cfg: CASettings,
     class_mask: jax.Array | None = None,
+    *,
+    max_labels: int,
 ) -> tuple[Writes, dict]:
     """Every (image, label) pair of one group: its attention logits and what it enqueues.
 
@@ -197,7 +324,10 @@ def attend(
       bank: this group's bank at the step start (read only; `feats` is never read).
       embed: [B, P, D] unit pixel embeddings; score: [B, P, N] raw cosine scores (both
         stop-gradient here). present: [B, N] image-level labels; cls_index: [N] union rows.
+      cfg: the CA-classifier options.
       class_mask: [N] bool, False for padding columns of a sampled vocabulary.
+      max_labels: L, the static bound on pairs per image: an image's first L labels (ascending)
+        get a pair and a write; the rest only count as background (the train step's setting).
 
     Returns:
       the step's writes (apply them with `enqueue`) and per-pair arrays [B, L, ...]: "a" [B, L, P]
@@ -205,99 +335,39 @@ def attend(
       "s_fg", "s_bg" [B, L, P], "bg_mask" [B, L, N] for tests.
     """
     embed, score = jax.lax.stop_gradient((embed, score))
-    dtype = bank.slot_means.dtype
-    num_rows, m = bank.slot_means.shape[:2]
-    labels, valid, n_labels = pair_list(present, cfg.max_labels)
+    labels, valid, n_labels = pair_list(present, max_labels)
     b, l = labels.shape
-    t = b * l
-    rows = cls_index[labels].reshape(t)
-    ok = valid.reshape(t)
-
-    # What each pair enqueues: the K pixels scoring highest on its label (bank-independent).
-    fg_raw = jnp.swapaxes(jnp.take_along_axis(score, labels[:, None, :], axis=2), 1, 2)
-    top = jax.lax.top_k(fg_raw, cfg.topk)[1]  # [B, L, K]
-    new_feats = jax.vmap(lambda e, i: e[i])(embed, top).astype(dtype)  # [B, L, K, D]
-    new_means = jnp.mean(new_feats, axis=2).reshape(t, -1)
-
+    rows, ok = cls_index[labels].reshape(b * l), valid.reshape(b * l)  # T = B * L pairs
+    new_feats = _topk_feats(embed, score, labels, cfg.topk).astype(bank.slot_means.dtype)
+    new_means = jnp.mean(new_feats, axis=2).reshape(b * l, -1)
     slots, survives, delta = _place_writes(bank, rows, ok, new_means)
-
-    # The bank each pair sees: the writes before it (and its own in single-image mode).
-    earlier = jnp.tril(jnp.ones((t, t), bool), -1)
-    seen = (earlier | jnp.eye(t, dtype=bool)) if cfg.single_image else earlier
-    seen = seen & ok[None]
-    of_column = rows[:, None] == cls_index[None]  # [T, N] write t changes column n
-    writes_seen = seen.astype(jnp.int32) @ of_column.astype(jnp.int32)  # [T, N]
-    full_seen = bank.full[cls_index] + (bank.ptr[cls_index] + writes_seen) // m  # [T, N]
-    warm = (jnp.take_along_axis(full_seen, labels.reshape(t, 1), 1)[:, 0] >= cfg.warm_up) & ok
-
-    f = embed / jnp.linalg.norm(embed, axis=-1, keepdims=True)
-    f = f.astype(dtype)
-    base = jnp.einsum("bpd,nd->bpn", f, bank.means[cls_index])  # [B, P, N] step start
-    gain = jnp.einsum("bpd,td->bpt", f, delta)  # [B, P, T] score change by each write
-    seen = seen.reshape(b, l, t)
-    # Scores of each pair against its image's own labels: [B, L, P, L'].
-    label_of_write = rows.reshape(b, l)[:, :, None] == rows[None, None]  # [B, L', T]
-    s_labels = jnp.take_along_axis(base, labels[:, None, :], axis=2)[:, None] + jnp.einsum(
-        "bpt,bkjt->bkpj", gain, (seen[:, :, None] & label_of_write[:, None]).astype(dtype)
-    )
-    s_fg = jnp.moveaxis(jnp.diagonal(s_labels, axis1=1, axis2=3), -1, 1)  # [B, L, P]
+    seen = _seen_writes(b * l, cfg.single_image) & ok[None]  # padding pairs write nothing
+    scores = _pair_scores(bank, embed, labels, rows, seen, delta, cls_index, cfg.background)
+    fg_full = jnp.take_along_axis(scores.full_seen, labels[..., None], axis=-1)[..., 0]
+    warm = (fg_full >= cfg.warm_up) & valid  # background classes have no warm-up (SPEC B2)
     if cfg.background:
-        full_seen = full_seen.reshape(b, l, -1)  # [B, L, N]
-        cold_ok = (full_seen > 0) if cfg.mask_cold_background else jnp.ones_like(full_seen, bool)
-        # Scores of each image against the whole vocabulary, seeing all earlier images' writes
-        # (and in single-image mode its first label's): the bank of its first pair.
-        s_first = base + jnp.einsum(
-            "bpt,btn->bpn", gain, (seen[:, 0, :, None] & of_column[None]).astype(dtype)
-        )
-        # Multi-label image: every other ground-truth class is background. Its visited labels
-        # are scored above; labels past max_labels are never written this step, so their bank
-        # is the one the image's first pair sees.
-        multi = valid[:, None, :] & ~jnp.eye(l, dtype=bool)[None]  # [B, L, L']
-        multi = multi & jnp.take_along_axis(
-            cold_ok, jnp.broadcast_to(labels[:, None], multi.shape), 2
-        )
-        visited = jax.vmap(lambda c, v: jnp.zeros(present.shape[-1], bool).at[c].max(v))(
-            labels, valid
-        )
-        unvisited = present & ~visited & cold_ok[:, 0]  # [B, N]
-        count = jnp.sum(multi, -1) + jnp.sum(unvisited, -1)[:, None]  # [B, L]
-        total = (
-            jnp.einsum("bkpj,bkj->bkp", s_labels, multi.astype(dtype))
-            + jnp.einsum("bpn,bn->bp", s_first, unvisited.astype(dtype))[:, None]
-        )
-        s_bg_multi = jnp.where(
-            count[..., None] > 0, total / jnp.maximum(count, 1)[..., None], 1 - s_fg
-        )
-        # Single-label image (one pair, l = 0): thresholded candidates from the whole vocabulary.
-        top_mean = top_score_mean(score, cfg.bg_topk)  # [B, N]
-        if class_mask is not None:  # padding columns never become background candidates
-            top_mean = jnp.where(class_mask, top_mean, -jnp.inf)
-        full_first = full_seen[:, 0]
-        single = jax.vmap(single_label_background, in_axes=(0, 0, 0, 0, 0, None))(
-            s_first, s_fg[:, 0], labels[:, 0], top_mean, full_first, cfg
-        )  # [B, N]
-        s_bg_single = _masked_mean(s_first, single, 1 - s_fg[:, 0])
+        full = scores.full_seen
+        cold_ok = (full > 0) if cfg.mask_cold_background else jnp.ones_like(full, bool)
+        s_bg_multi, bg_multi = _multi_label_bg(scores, labels, valid, present, cold_ok)
+        s_bg_single, bg_single = _single_label_bg(scores, score, labels, cfg, class_mask)
         is_multi = (n_labels > 1)[:, None, None]
         s_bg = jnp.where(is_multi, s_bg_multi, s_bg_single[:, None])
-        bg_multi = present[:, None] & (jnp.arange(present.shape[-1]) != labels[..., None])
-        bg_multi = bg_multi & cold_ok
-        bg_mask = jnp.where(is_multi, bg_multi, single[:, None])
-        a = _zscore(s_fg - s_bg, ddof=0, eps=ZSCORE_EPS, axis=-1)
+        bg_mask = jnp.where(is_multi, bg_multi, bg_single[:, None])
+        a = _zscore(scores.s_fg - s_bg, ddof=0, eps=ZSCORE_EPS, axis=-1)
     else:  # SPEC B1: the official code z-scores a singleton axis, which is all zeros.
-        s_bg = jnp.zeros_like(s_fg)
+        s_bg = jnp.zeros_like(scores.s_fg)
         bg_mask = jnp.zeros((b, l, present.shape[-1]), bool)
-        a = jnp.zeros_like(s_fg)
-    a = jnp.where(valid[..., None], a, 0.0)
-
+        a = jnp.zeros_like(scores.s_fg)
+    num_rows = bank.slot_means.shape[0]
     writes = Writes(
-        jnp.where(ok, rows, num_rows), slots, new_feats.reshape(t, cfg.topk, -1), survives
+        jnp.where(ok, rows, num_rows), slots, new_feats.reshape(b * l, cfg.topk, -1), survives
     )
     pairs = {
-        "a": a,
+        "a": jnp.where(valid[..., None], a, 0.0),
         "label": labels,
         "valid": valid,
-        "warm": warm.reshape(b, l),
-        "s_fg": s_fg,
+        "warm": warm,
+        "s_fg": scores.s_fg,
         "s_bg": s_bg,
         "bg_mask": bg_mask,
     }

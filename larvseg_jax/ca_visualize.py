@@ -15,7 +15,7 @@ import numpy as np
 from larvseg_jax import ca_classifier, interp
 
 
-def _heat(att: np.ndarray) -> np.ndarray:
+def heat(att: np.ndarray) -> np.ndarray:
     """[H, W] in [0, 1] -> uint8 [H, W, 3], dark blue (ignored) to yellow (attended)."""
     a = np.clip(att, 0.0, 1.0)[..., None]
     low, high = np.array([20, 20, 90]), np.array([255, 230, 40])
@@ -31,6 +31,8 @@ def attention_panels(
     class_names: list[str],
     ca: ca_classifier.CASettings,
     max_panels: int = 4,
+    *,
+    max_labels: int,
 ) -> list[tuple[str, np.ndarray]]:
     """(title, uint8 [H, 3W, 3]) panels: resized input | GT mask of the class | attention.
 
@@ -38,6 +40,7 @@ def attention_panels(
       bank: one group's bank (no leading group axis).
       dataset: eval dicts with "image" [H, W, 3] (normalised, resized), "label" [H0, W0], "raw".
       cls_index: [N] union rows of the evaluation vocabulary.
+      max_labels: the train step's bound on pairs per image (classes past it are background only).
     """
     index = jnp.asarray(cls_index)
     bank = jax.tree.map(jnp.asarray, bank._replace(feats=None))  # scores never read feats
@@ -54,6 +57,7 @@ def attention_panels(
             present[None],
             index,
             ca,
+            max_labels=max_labels,
         )
         a = pairs["a"][0].reshape(-1, h, w, 1)  # [L, h, w, 1]
         return pairs["label"][0], jax.nn.sigmoid(interp.resize_bilinear(a, image.shape[:2]))[..., 0]
@@ -72,7 +76,7 @@ def attention_panels(
         raw = np.asarray(jax.image.resize(example["raw"], image.shape[:2] + (3,), "linear"))
         for j, c in enumerate(labels[: present.sum()]):
             mask = np.where(small == c, 255, 40).astype(np.uint8)[..., None].repeat(3, -1)
-            panel = np.concatenate([raw.astype(np.uint8), mask, _heat(att[j])], axis=1)
+            panel = np.concatenate([raw.astype(np.uint8), mask, heat(att[j])], axis=1)
             panels.append((f"{example['id']}/{class_names[c]}", panel))
             if len(panels) >= max_panels:
                 return panels

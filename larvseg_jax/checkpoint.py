@@ -12,6 +12,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from larvseg_jax.errors import CheckpointError, MissingError
+
 
 class Checkpointer:
     """Saves (state, data iterator, metadata) under <workdir>/checkpoints/<step>/."""
@@ -49,7 +51,7 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
         """Restores the state onto `abstract_state`'s shardings; moves `data_iter` in place."""
         if step not in self._manager.all_steps():
-            raise FileNotFoundError(
+            raise MissingError(
                 f"no checkpoint for step {step} in {self.directory}; available: {self.all_steps()}"
             )
         items = {"state": ocp.args.StandardRestore(abstract_state)}
@@ -61,7 +63,7 @@ class Checkpointer:
             detail = _mismatch(str(e))
             if detail is None:
                 raise
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {self.directory}/{step} does not fit this config's train state "
                 f"({detail}): resume with the config it was written with (its meta holds it) "
                 "or use a fresh --workdir"

@@ -302,16 +302,16 @@ def run_evaluation(
       step: training step, names the JSON file.
       out_dir: directory for the JSON (created if missing).
       num_panels: how many input | GT | prediction panels to return (first images).
-      palette: uint8 [N, 3]; `visualize.palette(N)` when None.
+      palette: uint8 [N, 3]; `visualize.palette(class_names)` when None.
       progress: log progress with ETA about every 10 % of the dataset.
 
     Returns:
       The JSON payload ({"step", "num_images", "mode"} plus `miou_report`'s keys) and "panels":
-      a list of uint8 [H0, 3 * W0, 3].
+      a list of uint8 [s * H0 + legend rows, 3 * s * W0, 3] (see `visualize.panel`).
     """
     num_classes = len(class_names)
     totals = np.zeros((3, num_classes), np.int64)
-    colours = visualize.palette(num_classes) if palette is None else palette
+    colours = visualize.palette(class_names) if palette is None else palette
     panels = []
     size = len(dataset) if hasattr(dataset, "__len__") else None
     every = max(1, size // 10) if size else 100
@@ -330,7 +330,7 @@ def run_evaluation(
         pred = np.asarray(predict_labels(logits, gt.shape))
         totals += np.stack(class_histograms(pred, gt, num_classes))
         if len(panels) < num_panels:
-            panels.append(visualize.panel(example["raw"], gt, pred, colours))
+            panels.append(visualize.panel(example["raw"], gt, pred, colours, class_names))
         num_images += 1
         if progress and num_images % every == 0:
             elapsed = time.perf_counter() - start
@@ -352,11 +352,12 @@ def run_evaluation(
     os.makedirs(out_dir, exist_ok=True)
     write_json_atomic(os.path.join(out_dir, f"step_{int(step)}.json"), payload)
     logging.info(
-        "eval step %d: mIoU %s (base %s, novel %s) over %d images",
+        "eval step %d: mIoU %.2f (base %.2f, novel %.2f) over %d images",
         step,
-        payload["miou"],
-        payload["miou_base"],
-        payload["miou_novel"],
+        *(
+            np.nan if payload[k] is None else payload[k]
+            for k in ("miou", "miou_base", "miou_novel")
+        ),
         num_images,
     )
     return {**payload, "panels": panels}

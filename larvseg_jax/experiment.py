@@ -1,95 +1,238 @@
-"""Turns a config into the plain objects the trainer needs: vocabularies, model, step settings.
+"""The one reader of the ml_collections config: checks it whole, then builds plain objects.
 
-Modules never read the config; this is the one place that does (besides the loop's own fields).
+Every other module takes plain arguments (STYLE 2). `validate` runs before any data is read or
+generated, so a typo in a value fails at once with the key's name; `build_setup` then turns the
+config into the vocabulary, model, optimizer, step settings and input pipelines of a run.
 """
 
 import dataclasses
+import functools
+import json
 import os
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
-from larvseg_jax import groups, vocab
+from larvseg_jax import checkpoint, groups, sharding, vocab
 from larvseg_jax.ca_classifier import CASettings
-from larvseg_jax.data import catalog
-from larvseg_jax.data import sources as data_sources
+from larvseg_jax.data import catalog, pipeline, synthetic
+from larvseg_jax.errors import ConfigError, MissingError, WorkdirError
 from larvseg_jax.models import segmenter, vit
+from larvseg_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
 from larvseg_jax.optim import make_optimizer
-from larvseg_jax.train_step import SourceSpec, StepSettings
-from larvseg_jax.vocab import Vocabulary
+from larvseg_jax.train_step import (
+    SourceSpec,
+    StepSettings,
+    create_train_state,
+    state_shardings,
+)
 
-SUPERVISED_KINDS = ("seg",)
-IMAGE_LEVEL_KINDS = ("weak", "single")
+SEG_NORMALIZE = ("all_pixels", "valid_pixels")
+EVAL_MODES = ("slide", "whole")
 
 
 @dataclasses.dataclass(frozen=True)
-class SourceMeta:
-    name: str
-    kind: str  # "seg" | "weak" | "single" | "eval"
-    class_names: tuple[str, ...]
+class LoopSettings:
+    """What the training loop and its evaluations need from the config."""
+
+    seed: int
+    total_steps: int
+    log_every_steps: int
+    checkpoint_every_steps: int
+    eval_every_steps: int
+    max_checkpoints: int
+    max_labels: int  # named in the warning about labels the CA pair lists could not hold
+    pretrained: str  # AugReg .npz for the backbone, "" = random init
+    pos_grid: tuple[int, int]
+    eval_source: str
+    eval_step: int  # checkpoint --mode eval restores; -1 = latest
+    eval_mode: str  # "slide" | "whole"
+    eval_short_side: int
+    eval_crop: int
+    eval_stride: int
+    eval_max_images: int
+    num_panels: int
 
 
-def source_meta(name: str, ddir: str) -> SourceMeta:
-    """Kind and vocabulary of a source: the catalog for the paper's datasets (no data needed),
-    the records' own metadata otherwise (the synthetic world)."""
-    if name in catalog.CARDS:
-        return SourceMeta(name, catalog.CARDS[name].kind, catalog.class_names(name))
-    info = data_sources.source_info(name, ddir)
-    return SourceMeta(info.name, info.kind, tuple(info.class_names))
+@dataclasses.dataclass
+class Setup:
+    """Everything a run builds from its config, shared by training and evaluation."""
+
+    workdir: str
+    data_dir: str
+    mesh: Any
+    voc: vocab.Vocabulary
+    settings: StepSettings
+    loop: LoopSettings
+    streams: tuple[pipeline.StreamSpec, ...]
+    data_options: dict  # the pipeline's plain keyword options (images_per_group, workers, ...)
+    config_json: dict  # the whole config, stored with every checkpoint
+    model: Any
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    init_fn: Any  # rng -> TrainState
+    state_shardings: Any
+    abstract_state: Any
 
 
-def data_dir(cfg: ml_collections.ConfigDict, workdir: str) -> str:
-    return cfg.data.dir or os.path.join(workdir, "data")
+def ordered_sources(cfg: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
+    """(name, entry) of data.sources in their `order` (the official rank % n order)."""
+    return sorted(cfg.data.sources.items(), key=lambda item: item[1].order)
 
 
-def _per_source(values, key: str, cfg: ml_collections.ConfigDict) -> tuple:
-    values = tuple(values)
-    if len(values) != len(cfg.data.sources):
-        raise ValueError(
-            f"config {key} has {len(values)} entries but data.sources has "
-            f"{len(cfg.data.sources)}: give one per source"
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config {message}")
+
+
+def _one_of(value: Any, allowed: tuple, key: str) -> None:
+    _check(value in allowed, f"{key}={value!r} is unknown; use one of {', '.join(allowed)}")
+
+
+def _validate_sources(cfg: ml_collections.ConfigDict) -> None:
+    entries = ordered_sources(cfg)
+    _check(bool(entries), "data.sources is empty: name at least one training source")
+    for name, entry in entries:
+        key = f"data.sources.{name}"
+        dataset = catalog.get(name, key)
+        _check(
+            dataset.kind in catalog.TRAIN_KINDS,
+            f"{key}: {name!r} is an evaluation set (kind {dataset.kind!r}); train on one of "
+            + ", ".join(n for n, d in catalog.DATASETS.items() if d.kind in catalog.TRAIN_KINDS),
         )
-    return values
+        _check(entry.ratio >= 1, f"{key}.ratio={entry.ratio} must be >= 1")
+        _check(entry.crop >= 1, f"{key}.crop={entry.crop} must be >= 1")
+        lo, hi = entry.scale_range
+        _check(0 < lo <= hi, f"{key}.scale_range={tuple(entry.scale_range)} must be 0 < lo <= hi")
+        _check(entry.weight >= 0 and entry.ca_weight >= 0, f"{key}: weights must be >= 0")
+    orders = sorted(entry.order for _, entry in entries)
+    _check(
+        orders == list(range(len(entries))),
+        f"data.sources.*.order are {orders}; give each source one of 0..{len(entries) - 1}",
+    )
+    groups.group_sources(
+        [n for n, _ in entries], [e.ratio for _, e in entries], cfg.data.num_groups
+    )
+    eval_set = catalog.get(cfg.data.eval_source, "data.eval_source")
+    _check(
+        eval_set.kind == "eval",
+        f"data.eval_source={cfg.data.eval_source!r} is a training set; use one of "
+        + ", ".join(n for n, d in catalog.DATASETS.items() if d.kind == "eval"),
+    )
+    if cfg.data.base_from:
+        catalog.get(cfg.data.base_from, "data.base_from")
+    names = [n for n, _ in entries] + [cfg.data.eval_source]
+    kinds = {catalog.get(n).synthetic for n in names}
+    _check(
+        len(kinds) == 1,
+        f"data.sources and data.eval_source mix synthetic and real datasets ({', '.join(names)})",
+    )
 
 
-def build_vocabulary(cfg: ml_collections.ConfigDict, ddir: str) -> tuple[Vocabulary, list]:
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Checks every value the run depends on; a ConfigError names the first bad key."""
+    _one_of(cfg.model.variant, tuple(vit.VARIANTS), "model.variant")
+    _one_of(cfg.model.pos_resize_rule, vit.POS_RESIZE_RULES, "model.pos_resize_rule")
+    _one_of(cfg.model.attention, ATTENTION_IMPLS, "model.attention")
+    _one_of(cfg.model.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
+    if cfg.model.pretrained and not os.path.exists(cfg.model.pretrained):
+        raise MissingError(
+            f"config model.pretrained={cfg.model.pretrained!r}: no such file; give the path of "
+            "the AugReg ViT-B/16 .npz"
+        )
+    _validate_sources(cfg)
+    _check(cfg.data.images_per_group >= 1, "data.images_per_group must be >= 1")
+    _check(cfg.data.max_labels >= 1, "data.max_labels must be >= 1")
+    _one_of(cfg.loss.seg_normalize, SEG_NORMALIZE, "loss.seg_normalize")
+    _check(cfg.loss.downsample_rate >= 1, "loss.downsample_rate must be >= 1")
+    _check(cfg.loss.sample_classes >= 0, "loss.sample_classes must be >= 0 (0 = all classes)")
+    _check(cfg.ca.memory_size >= 1 and cfg.ca.topk >= 1, "ca.memory_size and ca.topk must be >= 1")
+    _check(
+        not cfg.ca.single_image or (cfg.ca.memory_size == 1 and cfg.ca.warm_up == 0),
+        "ca.single_image needs ca.memory_size=1 and ca.warm_up=0 (SPEC 2.5)",
+    )
+    _check(cfg.train.total_steps >= 1, "train.total_steps must be >= 1")
+    for key in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
+        _check(cfg.train[key] >= 1, f"train.{key} must be >= 1")
+    _one_of(cfg.eval.mode, EVAL_MODES, "eval.mode")
+    for key in ("short_side", "crop_size", "stride"):
+        _check(cfg.eval[key] >= 1, f"eval.{key} must be >= 1")
+    synthetic.fingerprint(cfg.data.synthetic)  # unknown knobs
+
+
+def check_workdir(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise WorkdirError(
+            f"workdir {workdir!r} is not writable ({e.strerror}): pick another --workdir"
+        ) from e
+
+
+def prepare_data(cfg: ml_collections.ConfigDict) -> str:
+    """The data dir of the run; the synthetic world is generated (once, cached) if named."""
+    if catalog.get(cfg.data.eval_source).synthetic:
+        return synthetic.ensure_synthetic(
+            cfg.data.dir or synthetic.default_root(), cfg.data.synthetic
+        )
+    if not cfg.data.dir:
+        raise ConfigError(
+            "config data.dir is empty: point it at the folder that holds larvseg_records/ "
+            "(written by data_prep/)"
+        )
+    return cfg.data.dir
+
+
+def build_vocabulary(cfg: ml_collections.ConfigDict) -> vocab.Vocabulary:
     """Union of the training and evaluation vocabularies plus the base/novel split (SPEC 5.3)."""
-    infos = [source_meta(name, ddir) for name in cfg.data.sources]
-    eval_info = source_meta(cfg.data.eval_source, ddir)
-    union = vocab.build_union([i.class_names for i in infos] + [eval_info.class_names])
+    datasets = [catalog.get(name) for name, _ in ordered_sources(cfg)]
+    eval_set = catalog.get(cfg.data.eval_source)
+    union = vocab.build_union([d.class_names for d in datasets] + [eval_set.class_names])
     if cfg.data.base_from:  # e.g. the supervised upper bound reports the paper's C171 split
-        supervised = list(source_meta(cfg.data.base_from, ddir).class_names)
+        supervised = list(catalog.get(cfg.data.base_from).class_names)
     else:
-        supervised = [n for i in infos if i.kind in SUPERVISED_KINDS for n in i.class_names]
-    base, novel = vocab.base_novel_split(eval_info.class_names, supervised)
-    voc = Vocabulary(
+        supervised = [
+            n for d in datasets if d.kind in catalog.SUPERVISED_KINDS for n in d.class_names
+        ]
+    base, novel = vocab.base_novel_split(eval_set.class_names, supervised)
+    return vocab.Vocabulary(
         union=union,
-        eval_names=tuple(eval_info.class_names),
-        eval_index=vocab.class_index(union, eval_info.class_names),
+        eval_names=eval_set.class_names,
+        eval_index=vocab.class_index(union, eval_set.class_names),
         base=tuple(base),
         novel=tuple(novel),
     )
-    return voc, infos
 
 
-def build_step_settings(
-    cfg: ml_collections.ConfigDict, voc: Vocabulary, infos: list
-) -> StepSettings:
-    weights = _per_source(cfg.loss.basic_weights, "loss.basic_weights", cfg)
-    ca_weights = _per_source(cfg.loss.ca_weights, "loss.ca_weights", cfg)
-    crops = _per_source(cfg.data.crop_sizes, "data.crop_sizes", cfg)
+def ca_settings(cfg: ml_collections.ConfigDict) -> CASettings | None:
+    if not cfg.ca.enabled:
+        return None
+    fields = {f.name for f in dataclasses.fields(CASettings)}
+    return CASettings(**{k: v for k, v in cfg.ca.items() if k in fields})
+
+
+def build_step_settings(cfg: ml_collections.ConfigDict, voc: vocab.Vocabulary) -> StepSettings:
+    entries = ordered_sources(cfg)
     specs = []
-    for info, weight, ca_weight, crop in zip(infos, weights, ca_weights, crops):
-        if info.kind not in SUPERVISED_KINDS + IMAGE_LEVEL_KINDS:
-            raise ValueError(f"source {info.name!r} is an evaluation set (kind {info.kind!r})")
-        index = tuple(int(i) for i in vocab.class_index(voc.union, info.class_names))
-        ca_weight = float(ca_weight) if cfg.ca.enabled and info.kind != "seg" else 0.0
-        specs.append(SourceSpec(info.name, info.kind, index, float(weight), int(crop), ca_weight))
-    plan = groups.group_sources(cfg.data.sources, cfg.data.ratio, cfg.data.num_groups)
-    ids = tuple(list(cfg.data.sources).index(name) for name in plan)
+    for name, entry in entries:
+        dataset = catalog.get(name)
+        index = tuple(int(i) for i in vocab.class_index(voc.union, dataset.class_names))
+        ca_weight = entry.ca_weight if cfg.ca.enabled and dataset.kind != "seg" else 0.0
+        specs.append(
+            SourceSpec(name, dataset.kind, index, entry.weight, entry.crop, float(ca_weight))
+        )
+    names = [name for name, _ in entries]
+    plan = groups.group_sources(names, [e.ratio for _, e in entries], cfg.data.num_groups)
     return StepSettings(
         sources=tuple(specs),
-        group_source_ids=ids,
+        group_source_ids=tuple(names.index(name) for name in plan),
         images_per_group=cfg.data.images_per_group,
         seg_normalize=cfg.loss.seg_normalize,
         downsample_rate=cfg.loss.downsample_rate,
@@ -99,23 +242,7 @@ def build_step_settings(
     )
 
 
-def ca_settings(cfg: ml_collections.ConfigDict) -> CASettings | None:
-    if not cfg.ca.enabled:
-        return None
-    fields = {f.name for f in dataclasses.fields(CASettings)}
-    ca = CASettings(
-        **{k: v for k, v in cfg.ca.items() if k in fields}, max_labels=cfg.data.max_labels
-    )
-    if ca.single_image and (ca.memory_size != 1 or ca.warm_up != 0):
-        raise ValueError("ca.single_image needs ca.memory_size=1 and ca.warm_up=0 (SPEC 2.5)")
-    return ca
-
-
 def build_model(cfg: ml_collections.ConfigDict, num_classes: int) -> segmenter.Segmenter:
-    if cfg.model.variant not in vit.VARIANTS:
-        raise ValueError(
-            f"config model.variant={cfg.model.variant!r} is unknown; known: {sorted(vit.VARIANTS)}"
-        )
     dtype = jnp.dtype(cfg.model.dtype)
     backbone = vit.vit_from_variant(
         cfg.model.variant,
@@ -137,4 +264,79 @@ def build_optimizer(cfg: ml_collections.ConfigDict):
         momentum=cfg.optim.momentum,
         weight_decay=cfg.optim.weight_decay,
         total_steps=cfg.train.total_steps,
+    )
+
+
+def loop_settings(cfg: ml_collections.ConfigDict) -> LoopSettings:
+    return LoopSettings(
+        seed=cfg.seed,
+        total_steps=cfg.train.total_steps,
+        log_every_steps=cfg.train.log_every_steps,
+        checkpoint_every_steps=cfg.train.checkpoint_every_steps,
+        eval_every_steps=cfg.train.eval_every_steps,
+        max_checkpoints=cfg.train.max_checkpoints,
+        max_labels=cfg.data.max_labels,
+        pretrained=cfg.model.pretrained,
+        pos_grid=tuple(cfg.model.pos_grid),
+        eval_source=cfg.data.eval_source,
+        eval_step=cfg.eval.step,
+        eval_mode=cfg.eval.mode,
+        eval_short_side=cfg.eval.short_side,
+        eval_crop=cfg.eval.crop_size,
+        eval_stride=cfg.eval.stride,
+        eval_max_images=cfg.eval.max_images,
+        num_panels=cfg.eval.num_panels,
+    )
+
+
+def data_options(cfg: ml_collections.ConfigDict) -> dict:
+    """The input pipeline's plain options (see pipeline.make_train_iterator)."""
+    return {
+        "images_per_group": cfg.data.images_per_group,
+        "cat_max_ratio": cfg.data.cat_max_ratio,
+        "photometric": cfg.data.photometric,
+        "num_workers": cfg.data.num_workers,
+        "prefetch": cfg.data.prefetch,
+    }
+
+
+def build_setup(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
+    """Validates the config, prepares the data dir and builds a run's objects."""
+    validate(cfg)
+    check_workdir(workdir)
+    mesh = sharding.make_mesh()
+    groups.groups_per_device(cfg.data.num_groups, mesh.devices.size)
+    data_dir = prepare_data(cfg)
+    voc = build_vocabulary(cfg)
+    settings = build_step_settings(cfg, voc)
+    model = build_model(cfg, len(voc.union))
+    tx, schedule = build_optimizer(cfg)
+    init = functools.partial(
+        create_train_state,
+        model=model,
+        tx=tx,
+        image_size=settings.sources[0].crop,
+        settings=settings,
+    )
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(cfg.seed))
+    shardings = state_shardings(abstract, mesh)
+    return Setup(
+        workdir=workdir,
+        data_dir=data_dir,
+        mesh=mesh,
+        voc=voc,
+        settings=settings,
+        loop=loop_settings(cfg),
+        streams=tuple(
+            pipeline.StreamSpec(name, entry.crop, tuple(entry.scale_range))
+            for name, entry in ordered_sources(cfg)
+        ),
+        data_options=data_options(cfg),
+        config_json=json.loads(cfg.to_json_best_effort()),
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        init_fn=init,
+        state_shardings=shardings,
+        abstract_state=checkpoint.abstract_with_shardings(abstract, shardings),
     )

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import Mesh
 
+from larvseg_jax.errors import ConfigError
+
 
 def group_sources(sources: Sequence[str], ratio: Sequence[int], num_groups: int) -> list[str]:
     """Source of each group, round-robin over the sources with ratio[i] groups per repeat.
@@ -22,13 +24,14 @@ def group_sources(sources: Sequence[str], ratio: Sequence[int], num_groups: int)
       num_groups: G, must be a multiple of sum(ratio).
     """
     if len(sources) != len(ratio):
-        raise ValueError(f"data.sources has {len(sources)} entries but data.ratio has {len(ratio)}")
+        raise ConfigError(f"{len(sources)} sources but {len(ratio)} ratios")
     if any(r < 1 for r in ratio):
-        raise ValueError(f"data.ratio entries must be >= 1, got {tuple(ratio)}")
+        raise ConfigError(f"config data.sources.*.ratio must be >= 1, got {tuple(ratio)}")
     period = sum(ratio)
     if num_groups % period:
-        raise ValueError(
-            f"data.num_groups={num_groups} must be a multiple of sum(data.ratio)={period}"
+        raise ConfigError(
+            f"config data.num_groups={num_groups} must be a multiple of the sources' total "
+            f"ratio {period} (data.sources.*.ratio)"
         )
     pattern: list[str] = []
     left = list(ratio)
@@ -43,8 +46,8 @@ def group_sources(sources: Sequence[str], ratio: Sequence[int], num_groups: int)
 def groups_per_device(num_groups: int, num_devices: int) -> int:
     """Groups each device processes sequentially in one step."""
     if num_groups % num_devices:
-        raise ValueError(
-            f"data.num_groups={num_groups} must be a multiple of the device count {num_devices}; "
+        raise ConfigError(
+            f"config data.num_groups={num_groups} must be a multiple of the device count {num_devices}; "
             f"set --config.data.num_groups to a multiple of {num_devices}"
         )
     return num_groups // num_devices

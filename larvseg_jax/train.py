@@ -1,6 +1,5 @@
 """The training loop and checkpoint evaluation: the one trainer every experiment goes through."""
 
-import dataclasses
 import functools
 import json
 import os
@@ -8,11 +7,11 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
+from clu import metrics as clu_metrics
+from clu import parameter_overview
 from PIL import Image
 
 from larvseg_jax import (
@@ -23,107 +22,92 @@ from larvseg_jax import (
     groups,
     sharding,
     tb_writer,
+    visualize,
 )
-from larvseg_jax.data import pipeline, synthetic
+from larvseg_jax.data import pipeline
+from larvseg_jax.errors import MissingError, NonFiniteError
+from larvseg_jax.experiment import Setup
 from larvseg_jax.models import pretrained
-from larvseg_jax.train_step import TrainState, create_train_state, state_shardings, train_step
-
-
-class TrainingError(RuntimeError):
-    """A problem the user must fix (bad values, divergence); main.py prints it as one line."""
-
-
-@dataclasses.dataclass
-class Setup:
-    """Everything built from the config, shared by training and evaluation."""
-
-    cfg: ml_collections.ConfigDict
-    workdir: str
-    data_dir: str
-    mesh: Any
-    voc: experiment.Vocabulary
-    settings: experiment.StepSettings
-    model: Any
-    tx: Any
-    schedule: Any
-    init_fn: Any  # rng -> TrainState
-    state_shardings: Any
-    abstract_state: Any
-
-
-def check_workdir(workdir: str) -> None:
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise PermissionError(
-            f"workdir {workdir!r} is not writable ({e.strerror}): pick another --workdir"
-        ) from e
-
-
-def build_setup(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
-    check_workdir(workdir)
-    data_dir = experiment.data_dir(cfg, workdir)
-    names = list(cfg.data.sources) + [cfg.data.eval_source]
-    if any(n.startswith("syn_") for n in names):
-        if jax.process_index() == 0:
-            synthetic.ensure_synthetic(data_dir, cfg.data.synthetic)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("synthetic data written")
-    voc, infos = experiment.build_vocabulary(cfg, data_dir)
-    settings = experiment.build_step_settings(cfg, voc, infos)
-    mesh = sharding.make_mesh()
-    groups.groups_per_device(settings.num_groups, mesh.devices.size)  # validates
-    model = experiment.build_model(cfg, len(voc.union))
-    tx, schedule = experiment.build_optimizer(cfg)
-    init = functools.partial(
-        create_train_state,
-        model=model,
-        tx=tx,
-        image_size=settings.sources[0].crop,
-        settings=settings,
-    )
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(cfg.seed))
-    shardings = state_shardings(abstract, mesh)
-    return Setup(
-        cfg,
-        workdir,
-        data_dir,
-        mesh,
-        voc,
-        settings,
-        model,
-        tx,
-        schedule,
-        init,
-        shardings,
-        checkpoint.abstract_with_shardings(abstract, shardings),
-    )
+from larvseg_jax.train_step import TrainState, metric_names, train_step
 
 
 def initial_state(setup: Setup) -> TrainState:
     """Random init, then the pretrained backbone if the config names one."""
     state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(
-        jax.random.PRNGKey(setup.cfg.seed)
+        jax.random.PRNGKey(setup.loop.seed)
     )
-    if setup.cfg.model.pretrained:
+    if setup.loop.pretrained:
         params = jax.device_get(state.params)
         params["backbone"] = pretrained.load_augreg_npz(
-            setup.cfg.model.pretrained, params["backbone"], pos_grid=tuple(setup.cfg.model.pos_grid)
+            setup.loop.pretrained, params["backbone"], pos_grid=setup.loop.pos_grid
         )
         state = state.replace(params=params, opt_state=setup.tx.init(params))
         state = jax.device_put(state, setup.state_shardings)
     return state
 
 
+def open_checkpointer(setup: Setup) -> checkpoint.Checkpointer:
+    return checkpoint.Checkpointer(
+        os.path.join(setup.workdir, "checkpoints"),
+        max_to_keep=setup.loop.max_checkpoints,
+        save_every_steps=setup.loop.checkpoint_every_steps,
+    )
+
+
+def open_writer(workdir: str) -> tb_writer.TensorBoardWriter:
+    return tb_writer.TensorBoardWriter(
+        os.path.join(workdir, "tensorboard"), enabled=jax.process_index() == 0
+    )
+
+
+def make_train_iterator(setup: Setup):
+    """This process's endless, checkpointable stream of host batches."""
+    settings = setup.settings
+    return pipeline.make_train_iterator(
+        setup.streams,
+        data_dir=setup.data_dir,
+        group_sources=[settings.sources[i].name for i in settings.group_source_ids],
+        local_groups=groups.local_group_indices(settings.num_groups, setup.mesh),
+        seed=setup.loop.seed,
+        **setup.data_options,
+    )
+
+
+def make_metrics_collection(settings) -> type[clu_metrics.Collection]:
+    """A clu Collection averaging each train metric over a log window."""
+    names = metric_names(settings)
+    return clu_metrics.Collection.create(**{n: clu_metrics.Average.from_output(n) for n in names})
+
+
+def compile_step(setup: Setup, collection: type[clu_metrics.Collection]):
+    """The jitted step: (state, global batch) -> (state, this step's metrics collection)."""
+    step = functools.partial(
+        train_step,
+        model=setup.model,
+        tx=setup.tx,
+        settings=setup.settings,
+        mesh=setup.mesh,
+        schedule=setup.schedule,
+    )
+
+    def step_and_metrics(state, batch):
+        state, metrics = step(state, batch)
+        metrics.pop("group_loss")
+        return state, collection.single_from_model_output(**metrics)
+
+    return jax.jit(
+        step_and_metrics,
+        in_shardings=(setup.state_shardings, sharding.data_sharded(setup.mesh)),
+        out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
+        donate_argnums=0,
+    )
+
+
 def make_predict_fn(setup: Setup, params: Any):
     """Jitted images [1, h, w, 3] -> eval-vocabulary logits [1, h', w', N] on the first device."""
     device = jax.local_devices()[0]
     params = jax.device_put(params, device)
-    index = jnp.asarray(setup.voc.eval_index)
+    index = jax.device_put(np.asarray(setup.voc.eval_index), device)
 
     @jax.jit
     def predict(p, images):
@@ -134,46 +118,41 @@ def make_predict_fn(setup: Setup, params: Any):
 
 def run_eval(setup: Setup, state: TrainState, step: int, writer: Any) -> dict:
     """mIoU JSON + TensorBoard scalars and panels; CA attention panels when there is a bank."""
-    cfg = setup.cfg
-    params = state.params
+    loop = setup.loop
     dataset = pipeline.make_eval_dataset(
-        cfg.data,
+        loop.eval_source,
         data_dir=setup.data_dir,
-        source=cfg.data.eval_source,
-        short_side=cfg.eval.short_side,
-        max_images=cfg.eval.max_images,
+        short_side=loop.eval_short_side,
+        max_images=loop.eval_max_images,
     )
     report = evaluate.run_evaluation(
-        make_predict_fn(setup, params),
+        make_predict_fn(setup, state.params),
         dataset,
         class_names=list(setup.voc.eval_names),
         base_names=list(setup.voc.base),
         novel_names=list(setup.voc.novel),
-        crop=cfg.eval.crop_size,
-        stride=cfg.eval.stride,
-        mode=cfg.eval.mode,
+        crop=loop.eval_crop,
+        stride=loop.eval_stride,
+        mode=loop.eval_mode,
         step=step,
         out_dir=os.path.join(setup.workdir, "eval"),
-        num_panels=cfg.eval.num_panels,
+        num_panels=loop.num_panels,
     )
     panels = report.pop("panels", [])
-    logging.info(
-        "eval step %d: mIoU %.2f (base %.2f, novel %.2f) over %d images",
-        step,
-        report["miou"],
-        report["miou_base"],
-        report["miou_novel"],
-        report["num_images"],
-    )
     writer.write_scalars(
-        step, {f"eval/{k}": report[k] for k in ("miou", "miou_base", "miou_novel", "pixel_acc")}
+        step,
+        {
+            f"eval/{k}": report[k]
+            for k in ("miou", "miou_base", "miou_novel", "pixel_acc")
+            if report[k] is not None
+        },
     )
     if panels:
         # Panels keep each image's own size, so they are written one tag each.
         writer.write_images(
             step, {f"eval/input_gt_prediction/{i}": p for i, p in enumerate(panels)}
         )
-    if state.bank is not None and cfg.eval.num_panels:
+    if state.bank is not None and loop.num_panels:
         write_attention_panels(setup, state, step, writer, dataset)
     writer.flush()
     return report
@@ -181,10 +160,9 @@ def run_eval(setup: Setup, state: TrainState, step: int, writer: Any) -> dict:
 
 def write_attention_panels(setup: Setup, state: TrainState, step: int, writer, dataset) -> None:
     """Image | class mask | CA attention, from the bank of the first CA group (PNG + TB)."""
+    settings = setup.settings
     groups_with_ca = [
-        g
-        for g, s in enumerate(setup.settings.group_source_ids)
-        if setup.settings.sources[s].ca_weight
+        g for g, s in enumerate(settings.group_source_ids) if settings.sources[s].ca_weight
     ]
     if not groups_with_ca:
         return
@@ -197,29 +175,104 @@ def write_attention_panels(setup: Setup, state: TrainState, step: int, writer, d
         dataset,
         setup.voc.eval_index,
         list(setup.voc.eval_names),
-        setup.settings.ca,
-        max_panels=setup.cfg.eval.num_panels,
+        settings.ca,
+        max_labels=settings.max_labels,
+        max_panels=setup.loop.num_panels,
     )
     if not panels:
         return
     writer.write_images(step, {f"eval/ca_attention/{t}": p for t, p in panels})
-    width = max(p.shape[1] for _, p in panels)
-    sheet = np.concatenate(
-        [np.pad(p, ((0, 2), (0, width - p.shape[1]), (0, 0))) for _, p in panels]
-    )
-    scale = max(1, 192 // max(p.shape[0] for _, p in panels))  # tiny synthetic images: enlarge
-    sheet = sheet.repeat(scale, 0).repeat(scale, 1)
     path = os.path.join(setup.workdir, "eval", f"ca_attention_step_{step}.png")
+    ramp = ca_visualize.heat(np.linspace(0.0, 1.0, 64))  # [64, 3] the colour bar
+    sheet = visualize.attention_sheet(panels, list(setup.voc.eval_names), heat_ramp=ramp)
     Image.fromarray(sheet).save(path)
 
 
-def _check_finite(metrics: dict, first: int, last: int) -> None:
-    bad = [k for k, v in metrics.items() if not np.isfinite(v)]
-    if bad:
-        raise TrainingError(
-            f"non-finite {', '.join(bad)} between steps {first} and {last}: lower optim.lr or "
-            "check the data"
+class LogWindow:
+    """Train metrics averaged on device over `log_every_steps`; one progress line per window."""
+
+    def __init__(self, setup: Setup, writer: Any, step: int):
+        self.loop = setup.loop
+        self.writer = writer
+        self.images_per_step = setup.settings.num_groups * setup.settings.images_per_group
+        self.metrics: clu_metrics.Collection | None = None
+        self.first, self.start = step, time.perf_counter()
+        self.warned_unvisited = False
+
+    def add(self, step_metrics: clu_metrics.Collection) -> None:
+        self.metrics = step_metrics if self.metrics is None else self.metrics.merge(step_metrics)
+
+    def flush(self, step: int) -> None:
+        """Fetches the window's means (one host sync), checks them, logs and writes TB."""
+        if self.metrics is None:
+            return
+        means = {k: float(v) for k, v in jax.device_get(self.metrics.compute()).items()}
+        self.metrics = None
+        bad = [k for k, v in means.items() if not np.isfinite(v)]
+        if bad:
+            raise NonFiniteError(
+                f"non-finite {', '.join(bad)} between steps {self.first} and {step}: lower "
+                "--config.optim.lr or check the data"
+            )
+        self._warn_unvisited(means)
+        now = time.perf_counter()
+        # The first window includes compilation; throughput is honest from the second.
+        rate = (step - self.first) * self.images_per_step / max(now - self.start, 1e-9)
+        eta = (self.loop.total_steps - step) * self.images_per_step / max(rate, 1e-9)
+        self.first, self.start = step, now
+        terms = "  ".join(
+            f"{k} {v:.4f}" for k, v in means.items() if k.startswith(("loss_", "aux_"))
         )
+        logging.info(
+            "step %d/%d  loss %.4f  %s  lr %.2e  %.1f img/s  ETA %s",
+            step,
+            self.loop.total_steps,
+            means["loss"],
+            terms,
+            means["lr"],
+            rate,
+            _fmt_eta(eta),
+        )
+        scalars = {f"train/{k}": v for k, v in means.items()}
+        scalars["train/images_per_sec"] = rate
+        self.writer.write_scalars(step, scalars)
+
+    def _warn_unvisited(self, means: dict) -> None:
+        """Warns once when crops carry more labels than the CA pair lists hold."""
+        over = {
+            k.removeprefix("unvisited_labels_"): v for k, v in means.items() if "unvisited" in k
+        }
+        over = {k: v for k, v in over.items() if v > 0}
+        if over and not self.warned_unvisited:
+            logging.warning(
+                "crops of %s had more than data.max_labels=%d labels (%s per step): those labels "
+                "got no CA-classifier pair; raise --config.data.max_labels",
+                ", ".join(over),
+                self.loop.max_labels,
+                ", ".join(f"{v:.1f}" for v in over.values()),
+            )
+            self.warned_unvisited = True
+
+
+def log_parameters(state: TrainState, writer: Any) -> None:
+    """Parameter counts in the log; clu's full parameter table in TensorBoard's text tab."""
+    counts = {k: int(parameter_overview.count_parameters(v)) for k, v in state.params.items()}
+    logging.info(
+        "parameters: %s (%s)",
+        f"{sum(counts.values()):,}",
+        ", ".join(f"{k} {v:,}" for k, v in counts.items()),
+    )
+    table = parameter_overview.get_parameter_overview(state.params, include_stats=False)
+    writer.write_texts(0, {"parameters": "```\n" + table + "\n```"})
+
+
+def last_report(workdir: str, step: int) -> dict:
+    """The eval JSON of `step` if it was written, else {}."""
+    path = os.path.join(workdir, "eval", f"step_{step}.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def train_and_evaluate(
@@ -231,90 +284,66 @@ def train_and_evaluate(
 ) -> dict:
     """Trains to cfg.train.total_steps (resuming from the latest checkpoint) and evaluates.
 
-    `stop_at` ends this run early with a checkpoint, as a preemption would (tests use it).
+    A run whose latest checkpoint is already at total_steps is complete: it is reported and
+    nothing is re-run (use --mode eval to evaluate again). `stop_at` ends this run early with a
+    checkpoint, as a preemption would (tests use it).
     """
-    setup = build_setup(cfg, workdir)
-    settings = setup.settings
-    ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        max_to_keep=cfg.train.max_checkpoints,
-        save_every_steps=cfg.train.checkpoint_every_steps,
-    )
-    local_groups = groups.local_group_indices(settings.num_groups, setup.mesh)
-    plan = [settings.sources[i].name for i in settings.group_source_ids]
-    data_iter = pipeline.make_train_iterator(
-        cfg.data,
-        data_dir=setup.data_dir,
-        group_sources=plan,
-        local_groups=local_groups,
-        seed=cfg.seed,
-    )
+    setup = experiment.build_setup(cfg, workdir)
+    loop = setup.loop
+    ckpt = open_checkpointer(setup)
     latest = ckpt.latest_step()
+    if latest is not None and latest >= loop.total_steps:
+        ckpt.close()
+        logging.info(
+            "run complete: %s holds step %d of %d; nothing to do (--mode eval evaluates it again)",
+            ckpt.directory,
+            latest,
+            loop.total_steps,
+        )
+        return last_report(workdir, latest) if do_eval else {}
+    data_iter = make_train_iterator(setup)
     if latest is not None:
         logging.info("resuming from %s/%d", ckpt.directory, latest)
         state = ckpt.restore(latest, setup.abstract_state, data_iter)
     else:
         state = initial_state(setup)
-    step_fn = jax.jit(
-        functools.partial(
-            train_step,
-            model=setup.model,
-            tx=setup.tx,
-            settings=settings,
-            mesh=setup.mesh,
-            schedule=setup.schedule,
-        ),
-        in_shardings=(setup.state_shardings, sharding.data_sharded(setup.mesh)),
-        out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
-        donate_argnums=0,
-    )
     writer = open_writer(workdir)
-    meta = {"config": json.loads(cfg.to_json_best_effort()), "group_sources": plan}
-    total = cfg.train.total_steps
-    last = total if stop_at is None else min(stop_at, total)
-    images_per_step = settings.num_groups * settings.images_per_group
-    step = int(state.step)
+    if latest is None:
+        log_parameters(state, writer)
+    try:
+        return _train_loop(setup, state, data_iter, ckpt, writer, do_eval=do_eval, stop_at=stop_at)
+    finally:
+        ckpt.wait()
+        writer.close()
+        ckpt.close()
+
+
+def _train_loop(setup, state, data_iter, ckpt, writer, *, do_eval, stop_at) -> dict:
+    """Steps until total_steps (or stop_at), with logs, checkpoints and evaluations on schedule.
+
+    The step and its input run under `jax.transfer_guard("disallow")`: an implicit host-device
+    transfer in the hot path is an error, not a silent slowdown.
+    """
+    loop = setup.loop
+    step_fn = compile_step(setup, make_metrics_collection(setup.settings))
+    meta = {"config": setup.config_json, "group_sources": _group_plan(setup)}
+    last = loop.total_steps if stop_at is None else min(stop_at, loop.total_steps)
+    step = start_step = int(jax.device_get(state.step))
+    window = LogWindow(setup, writer, step)
     report: dict = {}
-    pending: list = []
-    window_start, window_first = time.perf_counter(), step
-    start_step = step
-    warned_unvisited = False
     try:
         while step < last:
-            batch = sharding.host_batch_to_global(next(data_iter), setup.mesh)
-            state, metrics = step_fn(state, batch)
+            host_batch = next(data_iter)
+            with jax.transfer_guard("disallow"):
+                batch = sharding.host_batch_to_global(host_batch, setup.mesh)
+                state, step_metrics = step_fn(state, batch)
+                window.add(step_metrics)
             step += 1
-            metrics.pop("group_loss")
-            pending.append(metrics)
-            if step % cfg.train.log_every_steps == 0 or step == total:
-                fetched = jax.device_get(pending)
-                pending = []
-                means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-                _check_finite(means, step - len(fetched), step)
-                warned_unvisited = _warn_unvisited(means, cfg, warned_unvisited)
-                now = time.perf_counter()
-                # The first window includes compilation; throughput is honest from the second.
-                rate = (step - window_first) * images_per_step / max(now - window_start, 1e-9)
-                eta = (total - step) * images_per_step / max(rate, 1e-9)
-                window_start, window_first = now, step
-                logging.info(
-                    "step %d/%d  loss %.4f  %s  lr %.2e  %.1f img/s  ETA %s",
-                    step,
-                    total,
-                    means["loss"],
-                    "  ".join(
-                        f"{k} {v:.4f}" for k, v in means.items() if k.startswith(("loss_", "aux_"))
-                    ),
-                    means["lr"],
-                    rate,
-                    _fmt_eta(eta),
-                )
-                scalars = {f"train/{k}": v for k, v in means.items()}
-                scalars["train/images_per_sec"] = rate
-                writer.write_scalars(step, scalars)
-            if step % cfg.train.checkpoint_every_steps == 0 or step in (total, last):
+            if step % loop.log_every_steps == 0 or step == loop.total_steps:
+                window.flush(step)
+            if step % loop.checkpoint_every_steps == 0 or step in (loop.total_steps, last):
                 ckpt.save(step, state, data_iter, meta, force=True)
-            if do_eval and (step % cfg.train.eval_every_steps == 0 or step == total):
+            if do_eval and (step % loop.eval_every_steps == 0 or step == loop.total_steps):
                 report = run_eval(setup, state, step, writer)
     except KeyboardInterrupt:
         logging.warning("interrupted at step %d: saving a checkpoint before exiting", step)
@@ -322,34 +351,22 @@ def train_and_evaluate(
             ckpt.save(step, state, data_iter, meta, force=True)
         ckpt.wait()
         raise
-    finally:
-        ckpt.wait()
-        writer.close()
-    if do_eval and not report and step == total:  # resumed a finished run: evaluate it again
-        writer = open_writer(workdir)
-        report = run_eval(setup, state, step, writer)
-        writer.close()
-    ckpt.close()
     return report
 
 
-def open_writer(workdir: str) -> Any:
-    return tb_writer.TensorBoardWriter(
-        os.path.join(workdir, "tensorboard"), enabled=jax.process_index() == 0
-    )
+def _group_plan(setup: Setup) -> list[str]:
+    settings = setup.settings
+    return [settings.sources[i].name for i in settings.group_source_ids]
 
 
 def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Restores cfg.eval.step (or the latest) onto the present devices and evaluates it."""
-    setup = build_setup(cfg, workdir)
-    ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        max_to_keep=cfg.train.max_checkpoints,
-        save_every_steps=cfg.train.checkpoint_every_steps,
-    )
-    step = cfg.eval.step if cfg.eval.step >= 0 else ckpt.latest_step()
+    setup = experiment.build_setup(cfg, workdir)
+    ckpt = open_checkpointer(setup)
+    step = setup.loop.eval_step if setup.loop.eval_step >= 0 else ckpt.latest_step()
     if step is None:
-        raise FileNotFoundError(
+        ckpt.close()
+        raise MissingError(
             f"no checkpoint in {ckpt.directory}: train first (--mode train) or fix --workdir"
         )
     state = ckpt.restore(step, setup.abstract_state)
@@ -359,21 +376,6 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     finally:
         writer.close()
         ckpt.close()
-
-
-def _warn_unvisited(means: dict, cfg: ml_collections.ConfigDict, warned: bool) -> bool:
-    """Warns once when crops carry more labels than the CA pair lists hold."""
-    over = {k.removeprefix("unvisited_labels_"): v for k, v in means.items() if "unvisited" in k}
-    over = {k: v for k, v in over.items() if v > 0}
-    if over and not warned:
-        logging.warning(
-            "crops of %s had more than data.max_labels=%d labels (%s per step): those labels "
-            "got no CA-classifier pair; raise --config.data.max_labels",
-            ", ".join(over),
-            cfg.data.max_labels,
-            ", ".join(f"{v:.1f}" for v in over.values()),
-        )
-    return warned or bool(over)
 
 
 def _fmt_eta(seconds: float) -> str:

@@ -157,6 +157,7 @@ def group_loss(
                 cls_index,
                 settings.ca,
                 class_mask,
+                max_labels=settings.max_labels,
             )
             aux_loss, _ = ca_classifier.attentive_ce(
                 feature_logits,
@@ -170,10 +171,10 @@ def group_loss(
                 class_mask=class_mask,
             )
             n_labels = jnp.sum(info["present"], axis=-1)
-            unvisited = jnp.sum(jnp.maximum(n_labels - settings.ca.max_labels, 0))
+            unvisited = jnp.sum(jnp.maximum(n_labels - settings.max_labels, 0))
     if bank is not None and writes is None:  # same output structure on every switch branch
         writes = ca_classifier.no_writes(
-            bank, images.shape[0] * settings.ca.max_labels, settings.ca.topk
+            bank, images.shape[0] * settings.max_labels, settings.ca.topk
         )
     loss = spec.basic_weight * basic + spec.ca_weight * aux_loss
     aux = {"basic": basic, "aux": aux_loss, "unvisited": unvisited, "writes": writes}
@@ -231,6 +232,16 @@ def _device_loss(params, batch, banks, rng, *, model, settings, groups_per_devic
         "count": counts.sum(0),
     }
     return total / settings.num_groups, (sums, group_losses, writes)
+
+
+def metric_names(settings: StepSettings) -> list[str]:
+    """Names of the scalar metrics `train_step` returns (besides "group_loss")."""
+    names = ["loss", "lr"]
+    for spec in settings.sources:
+        names.append(f"loss_{spec.name}")
+        if settings.ca is not None and spec.ca_weight:
+            names += [f"aux_{spec.name}", f"unvisited_labels_{spec.name}"]
+    return names
 
 
 def train_step(

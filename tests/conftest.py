@@ -2,10 +2,14 @@
 
 import os
 import pathlib
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+
+# Generated synthetic worlds are cached per knobs; tests share one cache, never ~/.cache.
+os.environ.setdefault("LARVSEG_CACHE", tempfile.mkdtemp(prefix="larvseg_test_cache_"))
 
 import jax
 import pytest

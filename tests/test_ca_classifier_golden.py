@@ -11,11 +11,17 @@ from larvseg_jax import ca_classifier as ca
 from larvseg_jax import losses
 from larvseg_jax.models.head import CosineHead
 
+MAX_LABELS = 4  # every image of the golden holds one class
+
+
+def load_golden(goldens_dir):
+    meta = json.loads((goldens_dir / "d2_coseg_imagenet_device.json").read_text())
+    return meta, dict(np.load(goldens_dir / "d2_coseg_imagenet_device.npz"))
+
 
 @pytest.fixture(scope="module")
 def golden(goldens_dir):
-    meta = json.loads((goldens_dir / "d2_coseg_imagenet_device.json").read_text())
-    return meta, dict(np.load(goldens_dir / "d2_coseg_imagenet_device.npz"))
+    return load_golden(goldens_dir)
 
 
 def nhwc(x):
@@ -31,11 +37,10 @@ def settings(cfg):
         bg_topk=cfg["background_topk"],
         bg_thresh=cfg["background_thresh"],
         bg_mse_thresh=cfg["background_mse_thresh"],
-        max_labels=4,
     )
 
 
-def device_losses(params, x, labels, bank, cls_index, cfg):
+def device_losses(params, x, labels, bank, cls_index, cfg, ca_settings):
     """The ImageNet device's loss_basic + loss_coseg and the updated bank (SPEC 2.3, 2.4)."""
     head = CosineHead(num_classes=params["cls_emb"].shape[0], dtype=x.dtype)
     logits, aux = head.apply({"params": params}, x, cls_index)
@@ -49,7 +54,8 @@ def device_losses(params, x, labels, bank, cls_index, cfg):
         aux["score"].reshape(b, h * w, n),
         present,
         cls_index,
-        settings(cfg),
+        ca_settings,
+        max_labels=MAX_LABELS,
     )
     bank = ca.enqueue(bank, writes)
     aux_loss, ce = ca.attentive_ce(
@@ -59,8 +65,8 @@ def device_losses(params, x, labels, bank, cls_index, cfg):
     return w_basic * basic + w_aux * aux_loss, (w_basic * basic, w_aux * aux_loss, bank, pairs, ce)
 
 
-def test_six_steps_match_official(golden):
-    meta, d = golden
+def six_steps_match_official(meta, d, ca_settings):
+    """Runs the golden's six steps from its initial bank; asserts every output matches."""
     cfg = meta["cfg"]
     with jax.enable_x64(True):
         params = {
@@ -85,7 +91,7 @@ def test_six_steps_match_official(golden):
             x = jnp.asarray(nhwc(d[f"step{step}_x"]))
             labels = jnp.asarray(d[f"step{step}_label"][:, 0])
             (_, (basic, aux, bank, pairs, ce)), (g_p, g_x) = fn(
-                params, x, labels, bank, cls_index, cfg
+                params, x, labels, bank, cls_index, cfg, ca_settings
             )
             np.testing.assert_allclose(basic, d[f"step{step}_loss_basic"], rtol=1e-9)
             np.testing.assert_allclose(aux, d[f"step{step}_loss_coseg"], rtol=1e-9, atol=1e-12)
@@ -126,3 +132,8 @@ def test_six_steps_match_official(golden):
                     )
                 if info["n_bg_kept"] is not None:
                     assert int(pairs["bg_mask"][b, 0].sum()) == info["n_bg_kept"]
+
+
+def test_six_steps_match_official(golden):
+    meta, d = golden
+    six_steps_match_official(meta, d, settings(meta["cfg"]))

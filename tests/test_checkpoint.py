@@ -2,9 +2,12 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from larvseg_jax import checkpoint
+
+SAVED = {"params": jnp.arange(3.0), "bank": {"feats": jnp.arange(4.0).reshape(2, 2)}}
 
 
 def abstract(tree):
@@ -13,20 +16,30 @@ def abstract(tree):
 
 
 @pytest.mark.parametrize(
-    "target",
+    "target, detail",
     [
-        {"params": jnp.ones(3), "bank": {"feats": jnp.ones((2, 4))}},  # another memory size
-        {"params": jnp.ones(3)},  # a run without the CA-classifier
-        {"params": jnp.ones(3), "bank": {"means": jnp.ones((2, 2))}},  # another bank layout
+        (  # another memory size
+            {"params": jnp.ones(3), "bank": {"feats": jnp.ones((2, 4))}},
+            r"shape: \(2, 4\) is not compatible with the stored shape: \(2, 2\)",
+        ),
+        ({"params": jnp.ones(3)}, r"differs at bank\)"),  # a run without the CA-classifier
+        (  # another bank layout
+            {"params": jnp.ones(3), "bank": {"means": jnp.ones((2, 2))}},
+            r"differs at bank\.(feats|means)\)",
+        ),
     ],
 )
-def test_mismatched_checkpoint_is_a_one_line_error(tmp_path, target):
+def test_mismatched_checkpoint_is_a_one_line_error(tmp_path, target, detail):
     ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=1, save_every_steps=1)
-    ckpt.save(1, {"params": jnp.ones(3), "bank": {"feats": jnp.ones((2, 2))}}, force=True)
+    ckpt.save(1, SAVED, force=True)
     ckpt.wait()
     with pytest.raises(ValueError, match="does not fit this config's train state") as err:
         ckpt.restore(1, abstract(target))
-    assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
-    assert "bank" in str(err.value) or "shape" in str(err.value)  # says where it differs
-    assert ckpt.restore(1, abstract({"params": jnp.ones(3), "bank": {"feats": jnp.ones((2, 2))}}))
+    message = str(err.value)
+    assert "\n" not in message and f"{tmp_path}/1 " in message
+    assert err.match(detail)  # says where it differs
+    # The same checkpoint restores onto a fitting target, values intact.
+    restored = ckpt.restore(1, abstract(SAVED))
+    assert jax.tree.structure(restored) == jax.tree.structure(SAVED)
+    jax.tree.map(np.testing.assert_array_equal, restored, SAVED)
     ckpt.close()

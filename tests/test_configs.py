@@ -8,7 +8,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from configs import base
 from larvseg_jax import experiment, sharding
+from larvseg_jax.errors import ConfigError
 from larvseg_jax.train_step import create_train_state, train_step
 
 CONFIGS = sorted(
@@ -19,17 +21,20 @@ CONFIGS = sorted(
 PAPER_SPLITS = {"a150": (58, 92), "a847": (92, 755)}
 
 
-def build(name, arg=None, data_dir="/nonexistent"):
+def build(name, arg=None):
     cfg = importlib.import_module(f"configs.{name}").get_config(arg)
-    voc, infos = experiment.build_vocabulary(cfg, data_dir)
-    settings = experiment.build_step_settings(cfg, voc, infos)
+    experiment.validate(cfg)
+    voc = experiment.build_vocabulary(cfg)
+    settings = experiment.build_step_settings(cfg, voc)
     return cfg, voc, settings
 
 
-@pytest.mark.parametrize(
-    "name", [c for c in CONFIGS if not c.startswith(("synthetic", "smoke", "base"))]
-)
-def test_paper_config_builds_model_and_step_abstractly(name):
+def test_every_config_file_is_tested():
+    assert len(CONFIGS) == 18 and {"base", "smoke", "synthetic_larvseg"} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_builds_model_and_step_abstractly(name):
     cfg, voc, settings = build(name)
     if cfg.data.eval_source in PAPER_SPLITS:
         assert (len(voc.base), len(voc.novel)) == PAPER_SPLITS[cfg.data.eval_source]
@@ -77,3 +82,59 @@ def test_4_4_and_3_3_2_group_plans():
     names = [s.sources[i].name for i in s.group_source_ids]
     assert names == ["wa150", "c171", "i124"] * 2 + ["wa150", "c171"]
     assert [s.sources[i].crop for i in s.group_source_ids][2] == 320
+    _, _, s = build("synthetic_baseline")  # config order, not key order: rank % 3
+    assert [s.sources[i].name for i in s.group_source_ids][:3] == [
+        "syn_weak",
+        "syn_seg",
+        "syn_single",
+    ]
+
+
+def test_synthetic_vocabulary_split():
+    _, voc, settings = build("synthetic_larvseg")
+    assert voc.base == ("sky", "grass", "water", "road", "wall", "sand")
+    assert voc.novel == ("boat", "car", "tent", "flower")
+    assert [s.ca_weight for s in settings.sources] == [0.1, 0.0, 0.1]
+    _, _, settings = build("synthetic_baseline")  # CA off: no source gets a CA weight
+    assert [s.ca_weight for s in settings.sources] == [0.0, 0.0, 0.0]
+
+
+def _with(**changes):
+    cfg = base.get_config()
+    for key, value in changes.items():
+        node = cfg
+        *path, leaf = key.split("__")
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"model__variant": "huge"}, r"model.variant='huge' is unknown; use one of B/16"),
+        ({"data__eval_source": "syn_seg"}, r"data.eval_source='syn_seg' is a training set"),
+        ({"data__eval_source": "a150"}, r"mix synthetic and real datasets"),
+        ({"data__num_groups": 6}, r"data.num_groups=6 must be a multiple of the sources' total"),
+        ({"data__sources__syn_seg__order": 0}, r"order are \[0, 0, 2\]"),
+        ({"data__sources__syn_seg__ratio": 0}, r"data.sources.syn_seg.ratio=0 must be >= 1"),
+        ({"loss__seg_normalize": "mean"}, r"loss.seg_normalize='mean' is unknown"),
+        ({"eval__mode": "tiles"}, r"eval.mode='tiles' is unknown"),
+        ({"ca__single_image": True}, r"ca.single_image needs ca.memory_size=1"),
+        ({"data__base_from": "c17"}, r"data.base_from: unknown dataset 'c17'"),
+    ],
+)
+def test_validate_names_the_bad_key(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        experiment.validate(_with(**changes))
+
+
+def test_unknown_source_names_its_key():
+    cfg = base.get_config()
+    cfg.data.sources = {"syn_wek": base.source(order=0, ratio=1, crop=64, weight=1.0)}
+    with pytest.raises(ConfigError, match=r"data.sources.syn_wek: unknown dataset 'syn_wek'"):
+        experiment.validate(cfg)
+    cfg.data.sources = {"a150": base.source(order=0, ratio=1, crop=64, weight=1.0)}
+    with pytest.raises(ConfigError, match=r"data.sources.a150: 'a150' is an evaluation set"):
+        experiment.validate(cfg)

@@ -184,7 +184,7 @@ def test_run_evaluation_writes_json_atomically_and_returns_panels(tmp_path):
         image = rng.normal(size=(*hw, 3)).astype(np.float32)
         dataset.append({"image": image, "label": label, "raw": raw, "id": f"im{i}"})
     names = [f"c{k}" for k in range(N)]
-    colours = visualize.palette(N)
+    colours = visualize.palette(names)
     (tmp_path / "step_7.json").write_text("old")
     result = evaluate.run_evaluation(
         constant_predict,
@@ -223,15 +223,59 @@ def test_run_evaluation_writes_json_atomically_and_returns_panels(tmp_path):
     assert saved["miou_novel"] == 0.0
     assert saved["pixel_acc"] == pytest.approx(100 * iou2)
 
-    assert len(panels) == 2 and panels[0].shape == (30, 120, 3) and panels[1].shape == (28, 72, 3)
-    p, d = panels[0], dataset[0]
-    assert p.dtype == np.uint8
+    assert len(panels) == 2
+    for panel, d in zip(panels, dataset):  # enlarged by an integer s, legend strip below
+        h, w = d["label"].shape
+        s = panel.shape[1] // (3 * w)
+        assert panel.dtype == np.uint8 and panel.shape[1] == 3 * s * w
+        assert panel.shape[0] > s * h >= visualize.MIN_HEIGHT
+    s = panels[0].shape[1] // 120
+    p, d = panels[0][: 30 * s : s, ::s], dataset[0]
     np.testing.assert_array_equal(p[:, :40], d["raw"])
     np.testing.assert_array_equal(p[:, 40:80][d["label"] == -1], 0)
     np.testing.assert_array_equal(
         p[:, 40:80][d["label"] >= 0], colours[d["label"][d["label"] >= 0]]
     )
     np.testing.assert_array_equal(p[:, 80:], np.broadcast_to(colours[2], (30, 40, 3)))
+
+
+def test_run_evaluation_metrics_follow_the_slide_predictions(tmp_path):
+    """Predictions that vary over the image: run_evaluation's per-class IoU is the numpy
+    slide inference -> bilinear resize to the GT size -> argmax -> IoU, over all images."""
+    rng = np.random.default_rng(6)
+    dataset, preds = [], []
+    for hw, hw0 in [((24, 40), (30, 50)), ((32, 24), (32, 24)), ((24, 24), (18, 18))]:
+        image = rng.normal(size=(*hw, 3)).astype(np.float32)
+        logits = reference.upsample(slide_reference(image, 24, 16)[None], hw0)[0]
+        top2 = np.sort(logits, axis=-1)[..., -2:]
+        assert np.min(top2[..., 1] - top2[..., 0]) > 1e-4  # no near-tie can flip the argmax
+        preds.append(logits.argmax(-1))
+        label = rng.integers(-1, 4, size=hw0).astype(np.int32)
+        label[preds[-1] == 2] = np.where(rng.random(np.sum(preds[-1] == 2)) < 0.7, 2, 0)
+        raw = np.zeros((*hw0, 3), np.uint8)
+        dataset.append({"image": image, "label": label, "raw": raw, "id": str(hw)})
+    names = [f"c{k}" for k in range(N)]
+    iou, acc = miou_reference(preds, [d["label"] for d in dataset], N)
+    assert len(set(np.concatenate([p.ravel() for p in preds]).tolist())) >= 3
+    assert np.nanmax(iou) > 0.2  # correlated with the GT, not a trivially zero score
+    result = evaluate.run_evaluation(
+        fake_predict,
+        dataset,
+        class_names=names,
+        base_names=["c0", "c2"],
+        novel_names=["c1", "c3", "c4"],
+        crop=24,
+        stride=16,
+        mode="slide",
+        step=3,
+        out_dir=tmp_path,
+        progress=False,
+    )
+    got = np.array([np.nan if v is None else v for v in result["per_class_iou"].values()])
+    np.testing.assert_allclose(got, 100 * iou, rtol=1e-12)
+    np.testing.assert_allclose(result["pixel_acc"], 100 * acc, rtol=1e-12)
+    np.testing.assert_allclose(result["miou"], 100 * np.nanmean(iou), rtol=1e-12)
+    assert result["num_images"] == 3
 
 
 def test_write_json_atomic_keeps_old_file_on_failure(tmp_path):
@@ -241,15 +285,3 @@ def test_write_json_atomic_keeps_old_file_on_failure(tmp_path):
         evaluate.write_json_atomic(path, {"miou": float("nan")})  # strict JSON: no NaN
     assert json.loads(path.read_text()) == {"miou": 1.0}
     assert os.listdir(tmp_path) == ["step_1.json"]
-
-
-def test_palette_is_deterministic_distinct_and_never_black():
-    colours = visualize.palette(847)
-    assert colours.shape == (847, 3) and colours.dtype == np.uint8
-    np.testing.assert_array_equal(colours, visualize.palette(847))
-    assert len({c.tobytes() for c in colours}) == 847
-    assert colours.max(-1).min() > 0
-    label = np.array([[0, -1], [846, 3]])
-    out = visualize.colorize(label, colours)
-    np.testing.assert_array_equal(out[0, 1], 0)
-    np.testing.assert_array_equal(out[1, 0], colours[846])

@@ -84,12 +84,12 @@ def test_image_level_ce_without_pairs_is_zero_with_zero_gradient():
 def test_upsampling_matches_reference():
     rng = np.random.default_rng(3)
     logits = rng.normal(size=(1, 4, 5, 3)).astype(np.float32)
-    labels = np.zeros((1, 16, 20), np.int64)
+    labels = random_labels(rng, (1, 16, 20), 3)
     up, ds = losses.loss_grid_inputs(jnp.asarray(logits), jnp.asarray(labels), 2)
     np.testing.assert_allclose(
         up, reference.upsample(logits.astype(np.float64), (8, 10)), rtol=1e-5, atol=1e-6
     )
-    assert ds.shape == (1, 8, 10)
+    np.testing.assert_array_equal(ds, labels[:, ::2, ::2])  # PyTorch "nearest" x0.5 = [::2]
 
 
 def test_present_classes_ignores_ignore_pixels():

@@ -12,10 +12,13 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run_main(*args, devices=8, check=True):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+def run_main(*args, devices=8, check=True, config="configs/smoke.py", env=None):
+    env = dict(
+        os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {})
+    )
+    config_args = ["--config", config] if config else []
     proc = subprocess.run(
-        [sys.executable, "main.py", "--config", "configs/smoke.py", *args],
+        [sys.executable, "main.py", *config_args, *args],
         check=False,  # the caller asserts on the return code and prints stderr
         cwd=ROOT,
         env=env,
@@ -71,18 +74,96 @@ def test_train_and_eval_writes_checkpoints_tensorboard_and_json(trained):
     assert any(t.startswith("eval/input_gt_prediction") for t in acc.Tags()["images"])
 
 
-def test_rerun_resumes_and_eval_restores_on_one_device(trained):
+def test_rerun_of_a_finished_run_says_so_and_eval_restores_on_one_device(trained):
     workdir, _ = trained
+    events = sorted(os.listdir(workdir / "tensorboard"))
     again = run_main("--workdir", str(workdir))
-    assert "resuming from" in again.stderr and "step 1/" not in again.stderr
+    assert "run complete" in again.stderr and "step 1/" not in again.stderr
+    assert "mIoU" in again.stdout  # the finished run's result, read back
+    assert sorted(os.listdir(workdir / "tensorboard")) == events  # no new event file
     one = run_main("--workdir", str(workdir), "--mode", "eval", devices=1)
     eight = json.loads((workdir / "eval" / "step_6.json").read_text())
     assert f"mIoU {eight['miou']:.2f}" in one.stdout  # same numbers on 1 device
 
 
+def test_log_is_clean(trained):
+    _, proc = trained
+    for noise in ("libtpu", "Using custom data configuration", "OpenCV", "Traceback"):
+        assert noise not in proc.stderr
+    assert proc.stdout.count("mIoU") == 1 and proc.stderr.count("mIoU") == 1
+
+
+def test_synthetic_world_is_generated_once_and_shared(trained, tmp_path):
+    cache = pathlib.Path(os.environ["LARVSEG_CACHE"])
+    worlds = [p for p in cache.iterdir() if p.name.startswith("synthetic_v")]
+    run_main("--workdir", str(tmp_path), "--mode", "train", "--config.train.total_steps=1")
+    assert [p for p in cache.iterdir() if p.name.startswith("synthetic_v")] == worlds
+    assert not (tmp_path / "data").exists()
+
+
+def test_help_lists_configs_and_keys():
+    proc = run_main("--help", config=None)
+    assert proc.returncode == 0
+    assert "configs/synthetic_larvseg.py" in proc.stdout and "Table 3 LarvSeg" in proc.stdout
+    assert "train.total_steps" in proc.stdout and "model.pretrained" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--workdir", "w"], "--config is required"),
+        (
+            ["--config", "configs/nope.py", "--workdir", "w"],
+            "config file 'configs/nope.py' not found",
+        ),
+        (
+            ["--config", "configs/synthetic_larvseg.py:foo=1", "--workdir", "w"],
+            "configs/synthetic_larvseg.py: this config takes no argument (got 'foo=1')",
+        ),
+        (
+            ["--config", "configs/larvseg_c171_wa150.py:topk=x", "--workdir", "w"],
+            "config argument topk='x' must be a int",
+        ),
+        (["--config", "configs/smoke.py"], "--workdir is required"),
+    ],
+)
+def test_command_line_mistakes_are_one_line(args, message):
+    proc = run_main(*args, config=None, check=False)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 3
+
+
+def test_bad_value_is_reported_before_any_data_is_made(tmp_path):
+    cache = tmp_path / "cache"
+    proc = run_main(
+        "--workdir",
+        str(tmp_path / "w"),
+        "--config.model.variant=huge",
+        check=False,
+        env={"LARVSEG_CACHE": str(cache)},
+    )
+    assert proc.returncode == 1 and "model.variant='huge' is unknown" in proc.stderr
+    assert "Traceback" not in proc.stderr and not cache.exists()
+
+
+def test_paper_config_without_data_names_what_to_do(tmp_path):
+    proc = run_main(
+        "--workdir",
+        str(tmp_path / "w"),
+        f"--config.data.dir={tmp_path}",
+        config="configs/baseline_c171_wa150.py",
+        devices=8,
+        check=False,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "'wa150' not found" in proc.stderr or "'c171' not found" in proc.stderr
+    assert "<converter>" not in proc.stderr
+
+
 def test_config_typo_is_one_line_error(tmp_path):
     proc = run_main("--workdir", str(tmp_path), "--config.train.totl_steps=3", check=False)
-    assert proc.returncode != 0 and "totl_steps" in proc.stderr
+    assert proc.returncode == 2
+    assert "--config.train.totl_steps: no such key; did you mean train.total_steps?" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -110,3 +191,30 @@ def test_larvseg_run_writes_attention_panels(tmp_path):
     )
     assert (tmp_path / "eval" / "ca_attention_step_6.png").stat().st_size > 0
     assert json.loads((tmp_path / "eval" / "step_6.json").read_text())["num_images"] == 4
+
+
+def test_library_bugs_keep_their_traceback_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    """Only UserError becomes one line; any other exception is a bug and propagates."""
+    import main
+    from larvseg_jax import train
+    from larvseg_jax.errors import ConfigError
+
+    main.FLAGS(["main.py", "--config", "configs/smoke.py", "--workdir", str(tmp_path)])
+    monkeypatch.chdir(ROOT)
+
+    def bug(*args, **kwargs):
+        raise ValueError("an internal shape bug")
+
+    monkeypatch.setattr(train, "train_and_evaluate", bug)
+    with pytest.raises(ValueError, match="internal shape bug"):
+        main.main(["main.py"])
+
+    def mistake(*args, **kwargs):
+        raise ConfigError("config data.dir is empty: point it at ...")
+
+    monkeypatch.setattr(train, "train_and_evaluate", mistake)
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(["main.py"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: config data.dir is empty") and len(err.splitlines()) == 1

@@ -7,15 +7,13 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from larvseg_jax import checkpoint, train
+from larvseg_jax import checkpoint, experiment, sharding, train
 from larvseg_jax.train_step import state_shardings
 
 
 def final_state(cfg, workdir, devices=None):
-    setup = train.build_setup(cfg, str(workdir))
+    setup = experiment.build_setup(cfg, str(workdir))
     if devices is not None:  # restore onto a different device count
-        from larvseg_jax import sharding
-
         mesh = sharding.make_mesh(devices)
         abstract = jax.eval_shape(setup.init_fn, jax.random.PRNGKey(0))
         target = checkpoint.abstract_with_shardings(abstract, state_shardings(abstract, mesh))
@@ -34,7 +32,6 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, ca):
     cfg = smoke.get_config()
     cfg.ca.enabled = ca
     cfg.ca.memory_size, cfg.ca.topk = 2, 4
-    cfg.data.dir = str(tmp_path / "data")
     train.train_and_evaluate(cfg, str(tmp_path / "straight"), do_eval=False)
     train.train_and_evaluate(cfg, str(tmp_path / "resumed"), do_eval=False, stop_at=4)
     assert max(os.listdir(tmp_path / "resumed" / "checkpoints")) == "4"
@@ -47,3 +44,10 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, ca):
         assert a.bank.feats.shape[0] == cfg.data.num_groups
         one = final_state(cfg, tmp_path / "straight", devices=jax.devices()[:1])
         jax.tree.map(np.testing.assert_array_equal, a, one)
+
+
+def test_the_step_runs_under_a_transfer_guard(tmp_path, monkeypatch):
+    """An implicit host-to-device transfer in the hot path is an error, not a slowdown."""
+    monkeypatch.setattr(sharding, "host_batch_to_global", lambda batch, mesh: batch)
+    with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+        train.train_and_evaluate(smoke.get_config(), str(tmp_path), do_eval=False)

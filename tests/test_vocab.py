@@ -44,16 +44,22 @@ def test_sample_classes_keeps_every_present_class_plus_r_random():
 
     present = np.zeros(300, bool)
     present[[3, 150, 299]] = True
+    sample = jax.jit(vocab.sample_classes, static_argnums=(2, 3))
+    drawn = []
     for seed in range(5):
-        positions, valid = vocab.sample_classes(
-            jax.random.PRNGKey(seed), jnp.asarray(present), 100, 140
-        )
-        chosen = set(np.asarray(positions)[np.asarray(valid)].tolist())
+        positions, valid = sample(jax.random.PRNGKey(seed), jnp.asarray(present), 100, 140)
+        pos, valid = np.asarray(positions), np.asarray(valid)
+        chosen = set(pos[valid].tolist())
         assert {3, 150, 299} <= chosen
         assert 100 <= len(chosen) <= 103 and len(chosen) == int(valid.sum())
+        assert len(pos[valid]) == len(chosen)  # no class listed twice
+        assert valid[: len(chosen)].all()  # padding only at the end
+        drawn.append(frozenset(chosen))
+    assert len(set(drawn)) == 5  # a new random draw per key, not a fixed subset
+    counts = np.bincount([c for d in drawn for c in d], minlength=300)
+    assert (counts[~present] > 0).sum() > 200  # 5 draws of 100 cover most of the 297 others
     labels = jnp.asarray([[3, -1], [299, 150]])
-    remapped = np.asarray(vocab.remap_labels(labels, positions, valid, 300))
-    pos = np.asarray(positions)
+    remapped = np.asarray(vocab.remap_labels(labels, positions, jnp.asarray(valid), 300))
     assert remapped[0, 1] == -1
     for (i, j), orig in np.ndenumerate(np.asarray(labels)):
         if orig >= 0:

@@ -1,53 +1,96 @@
-"""What each real dataset of the paper is: kind, vocabulary and label encoding (SPEC 1.4, 5).
+"""What each dataset is: kind, vocabulary, splits and converter (SPEC 1.4, 5).
 
-The vocabularies are read from `classes/` (data files with their provenance), so configs can be
-built and checked without the datasets on disk; the records themselves are written by the
-`data_prep` converters.
+The one description of a dataset, for the paper's datasets and the embedded synthetic world
+alike. Vocabularies are read from `classes/` (data files with their provenance), so configs are
+built and checked without any data on disk; the records are written by the `data_prep`
+converters (or `synthetic.py`) and checked against this table when opened.
 """
 
 import dataclasses
-import functools
 import pathlib
 
+from larvseg_jax.errors import ConfigError
+
 CLASSES_DIR = pathlib.Path(__file__).parent / "classes"
+KINDS = ("seg", "weak", "single", "eval")
+TRAIN_KINDS = ("seg", "weak", "single")
+SUPERVISED_KINDS = ("seg",)  # pixel labels; their classes are "base" in evaluation
+
+# The synthetic world's vocabularies (larvseg_jax/data/synthetic.py draws these classes).
+SYNTHETIC_BASE = ("sky", "grass", "water", "road", "wall", "sand")
+SYNTHETIC_NOVEL = ("boat", "car", "tent", "flower")
 
 
 @dataclasses.dataclass(frozen=True)
-class DatasetCard:
-    name: str  # the paper's code: c171, wa150, a150, ...
-    kind: str  # "seg" (pixel labels) | "weak" (multi-label) | "single" (ImageNet) | "eval"
-    classes_file: str  # file in classes/
-    naming: str = "plain"  # "c171_v1": cut each name at its first "-" (paper-time V1, SPEC 1.4)
-    splits: tuple[str, ...] = ("train",)
+class Dataset:
+    """One source of records.
+
+    Attributes:
+      name: the paper's code (c171, wa150, a150, ...) or a synthetic source (syn_*).
+      kind: "seg" (pixel labels) | "weak" (multi-label: image-level labels from a full mask) |
+        "single" (one class per image, ImageNet-like) | "eval" (fully labelled test images).
+      class_names: the local vocabulary; label id i means class_names[i].
+      split: the split training or evaluation reads.
+      converter: the command that writes its records ("" = none ships yet; synthetic sources
+        are generated on the fly).
+    """
+
+    name: str
+    kind: str
+    class_names: tuple[str, ...]
+    split: str = "train"
+    converter: str = ""
+
+    @property
+    def synthetic(self) -> bool:
+        return self.name.startswith("syn_")
 
 
-CARDS = {
-    card.name: card
-    for card in (
-        DatasetCard("c171", "seg", "c171.txt", naming="c171_v1"),
-        DatasetCard("wa150", "weak", "a150.txt"),
-        DatasetCard("a150", "eval", "a150.txt", splits=("validation",)),
+def read_names(classes_file: str, naming: str = "plain") -> tuple[str, ...]:
+    """Names of a classes/ file in label-id order; "c171_v1" cuts each at its first "-"."""
+    lines = (CLASSES_DIR / classes_file).read_text().splitlines()
+    names = [line.split("\t")[-1] for line in lines]  # "<wnid>\t<name>" for ImageNet subsets
+    if naming == "c171_v1":  # paper-time V1 names (SPEC 1.4)
+        names = [n.split("-")[0] for n in names]
+    return tuple(names)
+
+
+_ADE = "python -m data_prep.ade20k"
+_VAL = "validation"
+_A150 = read_names("a150.txt")
+_A847 = read_names("a847.txt")
+_SYN_ALL = SYNTHETIC_BASE + SYNTHETIC_NOVEL
+DATASETS = {
+    d.name: d
+    for d in (
+        Dataset("c171", "seg", read_names("c171.txt", "c171_v1")),
+        Dataset("wa150", "weak", _A150, converter=_ADE),
+        Dataset("a150", "eval", _A150, split=_VAL, converter=_ADE),
         # ADE train with its pixel labels: the supervised upper bounds of Table 3.
-        DatasetCard("a150_seg", "seg", "a150.txt"),
-        DatasetCard("a847_seg", "seg", "a847.txt"),
-        DatasetCard("wa847", "weak", "a847.txt"),
-        DatasetCard("a847", "eval", "a847.txt", splits=("validation",)),
-        DatasetCard("i124", "single", "i124.txt"),
-        DatasetCard("i585", "single", "i585.txt"),
-        DatasetCard("i11k", "single", "i11k.txt"),
+        Dataset("a150_seg", "seg", _A150, converter=_ADE),
+        Dataset("a847_seg", "seg", _A847),
+        Dataset("wa847", "weak", _A847),
+        Dataset("a847", "eval", _A847, split=_VAL),
+        Dataset("i124", "single", read_names("i124.txt")),
+        Dataset("i585", "single", read_names("i585.txt")),
+        Dataset("i11k", "single", read_names("i11k.txt")),
         # A847 validation restricted to the 585 ImageNet-overlapping classes (the 21K model's
         # test set, SPEC 8); other classes are ignore.
-        DatasetCard("a585", "eval", "i585.txt", splits=("validation",)),
+        Dataset("a585", "eval", read_names("i585.txt"), split=_VAL),
+        Dataset("syn_seg", "seg", SYNTHETIC_BASE),
+        Dataset("syn_weak", "weak", _SYN_ALL),
+        Dataset("syn_single", "single", SYNTHETIC_NOVEL),
+        Dataset("syn_eval", "eval", _SYN_ALL, split=_VAL),
     )
 }
 
 
-@functools.cache
+def get(name: str, key: str = "dataset") -> Dataset:
+    """The catalog entry of `name`; a ConfigError naming `key` if there is none."""
+    if name not in DATASETS:
+        raise ConfigError(f"config {key}: unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
 def class_names(name: str) -> tuple[str, ...]:
-    """The dataset's class names in label-id order, with its naming rule applied."""
-    card = CARDS[name]
-    lines = (CLASSES_DIR / card.classes_file).read_text().splitlines()
-    names = [line.split("\t")[-1] for line in lines]  # "<wnid>\t<name>" for ImageNet subsets
-    if card.naming == "c171_v1":
-        names = [n.split("-")[0] for n in names]
-    return tuple(names)
+    return get(name).class_names

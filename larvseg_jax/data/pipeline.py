@@ -12,17 +12,25 @@ caller must run under `if __name__ == "__main__":`, and absl flags must be parse
 `absl.app.run`, or call `absl.flags.FLAGS.mark_as_parsed()` first).
 """
 
+import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 import grain
 import numpy as np
 
 from larvseg_jax.data import sources, transforms
 from larvseg_jax.data.transforms import MEAN, STD
+from larvseg_jax.errors import ConfigError, DataError
 from larvseg_jax.vocab import IGNORE
 
-__all__ = ["IGNORE", "MEAN", "STD", "make_eval_dataset", "make_train_iterator"]
+__all__ = [
+    "IGNORE",
+    "MEAN",
+    "STD",
+    "StreamSpec",
+    "make_eval_dataset",
+    "make_train_iterator",
+]
 
 _STEPS = 2**62  # the step stream is endless; training stops by step count
 
@@ -32,8 +40,7 @@ def _source_seed(seed: int, index: int) -> int:
 
 
 def _example_stream(
-    info: sources.SourceInfo,
-    src: Any,
+    records: sources.Records,
     *,
     crop: int,
     scale_range: tuple[float, float],
@@ -43,13 +50,14 @@ def _example_stream(
 ) -> grain.MapDataset:
     """Endless augmented examples of one source; element p is position p of the epoch stream."""
     # SPEC 4: (2048, 512) for 512 crops; ImageNet-like sources use (320, 320) for 320 crops.
-    img_scale = (crop, crop) if info.kind == "single" else (4 * crop, crop)
+    dataset = records.dataset
+    img_scale = (crop, crop) if dataset.kind == "single" else (4 * crop, crop)
     return (
-        grain.MapDataset.source(src)
+        grain.MapDataset.source(records.source)
         .seed(seed)
         .shuffle()
         .repeat()  # re-shuffled every epoch
-        .map(transforms.Decode(info.name, info.num_classes, info.ignore_codes))
+        .map(_decode(records))
         .random_map(transforms.RandomRescale(img_scale, scale_range))
         .random_map(transforms.RandomCrop(crop, cat_max_ratio))
         .random_map(transforms.RandomFlip(0.5))
@@ -108,58 +116,76 @@ class AssembleStep(grain.transforms.Map):
         return batch
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+    """How one training source is read: its crop and random rescale range (SPEC 4)."""
+
+    name: str
+    crop: int
+    scale_range: tuple[float, float] = (0.5, 2.0)
+
+
+def _decode(records: sources.Records) -> transforms.Decode:
+    dataset = records.dataset
+    return transforms.Decode(dataset.name, len(dataset.class_names), records.ignore_codes)
+
+
 def make_train_iterator(
-    data_cfg: Any,
+    streams: Sequence[StreamSpec],
     *,
     data_dir: str,
     group_sources: Sequence[str],
     local_groups: Sequence[int],
+    images_per_group: int,
     seed: int,
+    cat_max_ratio: float = 0.75,
+    photometric: bool = True,
+    num_workers: int = 0,
+    prefetch: int = 2,
 ) -> grain.DatasetIterator:
     """Endless, checkpointable iterator of this process's host batches.
 
     Args:
-      data_cfg: cfg.data (sources, crop_sizes, scale_ranges, images_per_group, cat_max_ratio,
-        photometric, num_workers, prefetch).
+      streams: every training source, in config order (its index seeds its stream).
       data_dir: the data root.
       group_sources: [G] source of every global group (larvseg_jax.groups.group_sources).
       local_groups: global indices of the groups this process feeds, in row order.
+      images_per_group: B.
       seed: data seed (order and augmentation); the stream is a pure function of it.
+      cat_max_ratio, photometric: RandomCrop's re-draw rule and PhotoMetricDistortion on/off.
+      num_workers: grain worker processes (0 = in-process); prefetch: host batches read ahead.
     Returns:
-      A grain DatasetIterator (get_state/set_state) yielding, for every name in data_cfg.sources,
+      A grain DatasetIterator (get_state/set_state) yielding, for every stream,
       {"image": float32 [G_local, B, c_s, c_s, 3], "label": int32 [G_local, B, c_s, c_s]};
       rows of groups that hold another source are 0 (image) and IGNORE (label).
     """
-    names = list(data_cfg.sources)
+    names = [s.name for s in streams]
     unknown = sorted(set(group_sources) - set(names))
     if unknown:
-        raise ValueError(f"group_sources name {unknown} not in data.sources {names}")
-    if len(data_cfg.crop_sizes) != len(names) or len(data_cfg.scale_ranges) != len(names):
-        raise ValueError("data.crop_sizes and data.scale_ranges need one entry per data.sources")
-    b_size = int(data_cfg.images_per_group)
-    streams, sizes, crops, per_step = {}, {}, {}, {}
-    for i, name in enumerate(names):
-        crops[name] = int(data_cfg.crop_sizes[i])
-        groups_of = [g for g, s in enumerate(group_sources) if s == name]
+        raise ValueError(f"group_sources name {unknown} not among the streams {names}")
+    b_size = int(images_per_group)
+    examples, sizes, per_step = {}, {}, {}
+    crops = {s.name: int(s.crop) for s in streams}
+    for i, spec in enumerate(streams):
+        groups_of = [g for g, s in enumerate(group_sources) if s == spec.name]
         if not groups_of:
             continue
-        info, src = sources.open_source(name, data_dir, "train")
-        if info.kind == "eval":
-            raise ValueError(f"source {name!r} is an evaluation set and cannot be trained on")
-        per_step[name] = len(groups_of) * b_size
-        if info.num_examples < per_step[name]:
-            raise ValueError(
-                f"source {name!r} has {info.num_examples} examples but a step takes "
-                f"{per_step[name]} ({len(groups_of)} groups x {b_size})"
+        records = sources.open_source(spec.name, data_dir, "train")
+        if records.dataset.kind == "eval":
+            raise ConfigError(f"source {spec.name!r} is an evaluation set and cannot be trained on")
+        per_step[spec.name] = len(groups_of) * b_size
+        if len(records) < per_step[spec.name]:
+            raise DataError(
+                f"source {spec.name!r} has {len(records)} examples but a step takes "
+                f"{per_step[spec.name]} ({len(groups_of)} groups x {b_size})"
             )
-        sizes[name] = info.num_examples
-        streams[name] = _example_stream(
-            info,
-            src,
-            crop=crops[name],
-            scale_range=tuple(data_cfg.scale_ranges[i]),
-            cat_max_ratio=float(data_cfg.cat_max_ratio),
-            photometric=bool(data_cfg.photometric),
+        sizes[spec.name] = len(records)
+        examples[spec.name] = _example_stream(
+            records,
+            crop=crops[spec.name],
+            scale_range=tuple(spec.scale_range),
+            cat_max_ratio=float(cat_max_ratio),
+            photometric=bool(photometric),
             seed=_source_seed(seed, i),
         )
     rows = []
@@ -167,29 +193,27 @@ def make_train_iterator(
         name = group_sources[g]
         rank = [h for h, s in enumerate(group_sources) if s == name].index(g)
         rows.append((name, rank * b_size))
-    assemble = AssembleStep(streams, sizes, crops, rows, per_step, b_size)
+    assemble = AssembleStep(examples, sizes, crops, rows, per_step, b_size)
     # grain's default read-ahead (16 threads x 500 elements) would assemble hundreds of steps.
-    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(int(data_cfg.prefetch), 1))
+    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(int(prefetch), 1))
     ds = grain.MapDataset.range(_STEPS).map(assemble).to_iter_dataset(read)
-    if int(data_cfg.num_workers) > 0:
+    if int(num_workers) > 0:
         ds = ds.mp_prefetch(
             grain.MultiprocessingOptions(
-                num_workers=int(data_cfg.num_workers),
-                per_worker_buffer_size=max(int(data_cfg.prefetch), 1),
+                num_workers=int(num_workers), per_worker_buffer_size=max(int(prefetch), 1)
             )
         )
     return iter(ds)
 
 
 def make_eval_dataset(
-    data_cfg: Any, *, data_dir: str, source: str, short_side: int, max_images: int = -1
+    source: str, *, data_dir: str, short_side: int, max_images: int = -1
 ) -> grain.MapDataset:
     """The evaluation split of `source`, lazily decoded (SPEC 7.1).
 
     Args:
-      data_cfg: cfg.data (unused today; kept for symmetry with make_train_iterator).
+      source: e.g. "syn_eval" or "a150"; its catalog split ("validation"), else its first.
       data_dir: the data root.
-      source: e.g. "syn_eval" or "a150"; its "validation" split if written, else its first.
       short_side: test resize (long side capped at 4 * short_side).
       max_images: keep the first max_images records (-1 = all).
     Returns:
@@ -197,13 +221,8 @@ def make_eval_dataset(
       "label": int32 [H0, W0] original-size ground truth with IGNORE, "raw": uint8 [H0, W0, 3],
       "id": str}.
     """
-    del data_cfg
-    meta = sources.source_info(source, data_dir)
-    split = "validation" if "validation" in meta.splits else meta.splits[0]
-    info, src = sources.open_source(source, data_dir, split)
-    ds = grain.MapDataset.source(src)
+    records = sources.open_source(source, data_dir)
+    ds = grain.MapDataset.source(records.source)
     if max_images >= 0:
         ds = ds[:max_images]
-    return ds.map(transforms.Decode(info.name, info.num_classes, info.ignore_codes)).map(
-        transforms.EvalResize(short_side)
-    )
+    return ds.map(_decode(records)).map(transforms.EvalResize(short_side))

@@ -36,6 +36,7 @@ Knobs (cfg.data.synthetic):
 """
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -47,19 +48,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from larvseg_jax.data import sources
+from larvseg_jax.data import catalog, sources
+from larvseg_jax.errors import ConfigError
 
-BASE = ("sky", "grass", "water", "road", "wall", "sand")
-NOVEL = ("boat", "car", "tent", "flower")
+BASE = catalog.SYNTHETIC_BASE
+NOVEL = catalog.SYNTHETIC_NOVEL
 ALL = BASE + NOVEL
-VOCABS = {
-    "syn_seg": BASE,
-    "syn_weak": ALL,
-    "syn_single": NOVEL,
-    "syn_eval": ALL,
-}
-KINDS = {"syn_seg": "seg", "syn_weak": "weak", "syn_single": "single", "syn_eval": "eval"}
-SPLITS = {"syn_seg": "train", "syn_weak": "train", "syn_single": "train", "syn_eval": "validation"}
+NAMES = ("syn_seg", "syn_weak", "syn_single", "syn_eval")  # kinds and vocabularies: catalog
 GENERATOR_VERSION = 1  # bump when the generator changes: existing data is then regenerated
 FINGERPRINT = "synthetic_world.json"
 DEFAULT_KNOBS = {
@@ -241,13 +236,13 @@ def _png(array: np.ndarray) -> bytes:
 
 def generate(name: str, knobs: Mapping[str, Any]) -> Iterator[dict]:
     """Yields the records of one synthetic source (the write_source example format)."""
-    kind = KINDS[name]
-    vocab = VOCABS[name]
+    kind = catalog.get(name).kind
+    vocab = catalog.get(name).class_names
     count = int(knobs[{"seg": "num_seg", "weak": "num_weak"}.get(kind, f"num_{kind}")])
     remap = np.full(len(ALL), 255, np.uint8)
     remap[[ALL.index(c) for c in vocab]] = np.arange(len(vocab), dtype=np.uint8)
     for i in range(count):
-        rng = np.random.default_rng([int(knobs["seed"]), list(KINDS).index(name), i])
+        rng = np.random.default_rng([int(knobs["seed"]), NAMES.index(name), i])
         if kind == "single":
             local = i % len(vocab)
             image, _ = make_example(kind, rng, knobs, cls=ALL.index(vocab[local]))
@@ -265,7 +260,7 @@ def _knobs_dict(knobs: Any) -> dict:
     out = dict(DEFAULT_KNOBS)
     unknown = set(items) - set(DEFAULT_KNOBS)
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown synthetic knobs {sorted(unknown)}; known: {sorted(DEFAULT_KNOBS)}"
         )
     out.update(items)
@@ -276,52 +271,62 @@ def fingerprint(knobs: Any) -> dict:
     return {"generator_version": GENERATOR_VERSION, "knobs": _knobs_dict(knobs)}
 
 
-def ensure_synthetic(data_dir: str, knobs: Any) -> None:
-    """Writes the four syn_* sources into data_dir unless they exist with the same knobs.
+def default_root() -> str:
+    """Where generated worlds are cached: $LARVSEG_CACHE, else $XDG_CACHE_HOME/larvseg_jax."""
+    if os.environ.get("LARVSEG_CACHE"):
+        return os.environ["LARVSEG_CACHE"]
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "larvseg_jax")
 
-    Idempotent and interruption-safe: everything is written to a temporary directory under
-    data_dir and moved into place; the knobs fingerprint (JSON) is written last, so a partial
-    run is regenerated next time.
+
+def world_dir(root: str, knobs: Any) -> str:
+    """The data dir of one world: a name fixed by the generator version and the knobs."""
+    want = fingerprint(knobs)
+    digest = hashlib.sha256(json.dumps(want, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(root, f"synthetic_v{GENERATOR_VERSION}_{digest}")
+
+
+def ensure_synthetic(root: str, knobs: Any) -> str:
+    """The data dir holding the four syn_* sources for `knobs`, generated once under `root`.
+
+    Worlds are cached by generator version and knobs, so every run with the same knobs reads
+    the same records. Safe under interruption and concurrency (several runs, several hosts on
+    a shared disk): a world is written to a temporary directory and renamed into place whole;
+    the first rename wins and later writers discard their copy.
 
     Args:
-      data_dir: the data root (sources land in <data_dir>/larvseg_records/syn_*).
+      root: the cache root (default_root() or the config's data.dir).
       knobs: cfg.data.synthetic (any mapping with DEFAULT_KNOBS keys; missing keys default).
+    Returns:
+      The data dir to read the syn_* sources from.
     """
     want = fingerprint(knobs)
-    root = os.path.join(data_dir, sources.ROOT)
-    fp_path = os.path.join(root, FINGERPRINT)
-    if os.path.exists(fp_path) and all(
-        os.path.exists(os.path.join(sources.source_dir(data_dir, n), "dataset_info.json"))
-        for n in KINDS
-    ):
-        with open(fp_path) as f:
-            if json.load(f) == want:
-                return
+    final = world_dir(root, knobs)
+    if os.path.exists(os.path.join(final, sources.ROOT, FINGERPRINT)):
+        return final
     os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".synthetic_tmp_", dir=data_dir)
+    tmp = tempfile.mkdtemp(prefix=".synthetic_tmp_", dir=root)
     try:
         import tensorflow_datasets as tfds
 
         tfds.disable_progress_bar()
-        knob_values = want["knobs"]
-        for name, kind in KINDS.items():
+        for name in NAMES:
+            dataset = catalog.get(name)
             with contextlib.redirect_stdout(io.StringIO()):  # tfds prints a banner per dataset
                 sources.write_source(
                     tmp,
                     name,
-                    kind=kind,
-                    class_names=VOCABS[name],
-                    split_examples={SPLITS[name]: lambda name=name: generate(name, knob_values)},
+                    kind=dataset.kind,
+                    class_names=dataset.class_names,
+                    split_examples={dataset.split: lambda name=name: generate(name, want["knobs"])},
                 )
-        if os.path.exists(fp_path):
-            os.remove(fp_path)
-        for name in KINDS:
-            dst = os.path.join(root, name)
-            if os.path.exists(dst):
-                shutil.rmtree(dst)
-            os.replace(os.path.join(tmp, sources.ROOT, name), dst)
-        with open(fp_path + ".tmp", "w") as f:
+        with open(os.path.join(tmp, sources.ROOT, FINGERPRINT), "w") as f:
             json.dump(want, f, indent=1, sort_keys=True)
-        os.replace(fp_path + ".tmp", fp_path)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another run finished the same world first: use theirs
+            if not os.path.exists(os.path.join(final, sources.ROOT, FINGERPRINT)):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from larvseg_jax.errors import DataError
 from larvseg_jax.vocab import IGNORE
 
 MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # ImageNet RGB (SPEC 4 step 6)
@@ -61,7 +62,7 @@ class Decode(grain.transforms.Map):
     """Record -> {"image": uint8 [H, W, 3], "label": int32 [H, W], "class_id": int32, "id": str}.
 
     Every ignore code of the source becomes IGNORE; an id >= num_classes that is not an ignore
-    code raises a ValueError naming the record. For kind "single" the label map is all IGNORE
+    code raises a DataError naming the record. For kind "single" the label map is all IGNORE
     (FillSingleLabel writes the class after the geometric transforms) and class_id holds the
     class; otherwise class_id is -1.
     """
@@ -81,7 +82,7 @@ class Decode(grain.transforms.Map):
         if "class_id" in record:
             class_id = int(record["class_id"])
             if not 0 <= class_id < self.num_classes:
-                raise ValueError(
+                raise DataError(
                     f"{self.name} record {image_id!r}: class id {class_id} is outside "
                     f"0..{self.num_classes - 1}"
                 )
@@ -92,7 +93,7 @@ class Decode(grain.transforms.Map):
             ignore = np.isin(raw, self.ignore_codes) | (raw < 0)
             bad = (raw >= self.num_classes) & ~ignore
             if bad.any():
-                raise ValueError(
+                raise DataError(
                     f"{self.name} record {image_id!r}: label id {int(raw[bad].max())} is out of "
                     f"range for {self.num_classes} classes (ignore codes {self.ignore_codes})"
                 )

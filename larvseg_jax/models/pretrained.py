@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from larvseg_jax import interp
+from larvseg_jax.errors import DataError, MissingError
 
 _PREFIX = "opt/target/"
 _POS_KEY = "Transformer/posembed_input/pos_embedding"
@@ -19,7 +20,7 @@ _POS_KEY = "Transformer/posembed_input/pos_embedding"
 def _square_grid(rows: int, path: str, key: str) -> tuple[int, int]:
     side = round(np.sqrt(rows))
     if side * side != rows:
-        raise ValueError(f"{path}: {key} has {rows} grid rows, not a square grid")
+        raise DataError(f"{path}: {key} has {rows} grid rows, not a square grid")
     return side, side
 
 
@@ -70,18 +71,18 @@ def load_augreg_npz(
 
     Raises:
       FileNotFoundError: the file does not exist.
-      ValueError: a key is missing or a shape does not match (names the file and the key).
+      DataError: a key is missing or a shape does not match (names the file and the key).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"AugReg checkpoint not found: {path}")
+        raise MissingError(f"AugReg checkpoint not found: {path}: fix --config.model.pretrained")
     with np.load(path) as npz:
         stored = {k.removeprefix(_PREFIX): npz[k] for k in npz.files}
 
     loaded = {}
     for key, leaf in _flatten(params).items():
         if key not in stored:
-            raise ValueError(f"{path}: missing key {key!r} (also tried {_PREFIX + key!r})")
+            raise DataError(f"{path}: missing key {key!r} (also tried {_PREFIX + key!r})")
         value = np.asarray(stored[key], np.float64)
         if key == _POS_KEY and value.ndim == 3:
             grid = _square_grid(value.shape[1] - 1, path, key)
@@ -89,7 +90,7 @@ def load_augreg_npz(
                 # AugReg grids are square (24x24 at 384 px); the model's may not be.
                 value = np.asarray(interp.resize_pos_embed(value, grid, tuple(pos_grid)))
         if value.shape != tuple(np.shape(leaf)):
-            raise ValueError(
+            raise DataError(
                 f"{path}: key {key!r} has shape {value.shape}, the model expects {np.shape(leaf)}"
             )
         loaded[key] = value.astype(dtype)

@@ -9,6 +9,4 @@ TINY = {"seed": 0, "image_size": 32, "num_seg": 24, "num_weak": 24, "num_single"
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> str:
-    data_dir = str(tmp_path_factory.mktemp("tiny_world"))
-    synthetic.ensure_synthetic(data_dir, TINY)
-    return data_dir
+    return synthetic.ensure_synthetic(str(tmp_path_factory.mktemp("tiny_world")), TINY)

@@ -6,6 +6,7 @@ from PIL import Image
 
 from data_prep import ade20k
 from larvseg_jax.data import pipeline, sources
+from larvseg_jax.vocab import IGNORE
 
 
 def _fake_ade(root, subdir, n, rng):
@@ -30,19 +31,20 @@ def test_converter_reduces_zero_label(tmp_path):
     val = _fake_ade(ade, "validation", 2, rng)
     data_dir = str(tmp_path / "data")
     ade20k.convert(str(ade), data_dir, ["wa150", "a150"])
-    info, src = sources.open_source("wa150", data_dir)
-    assert (info.kind, info.num_examples, len(info.class_names)) == ("weak", 3, 150)
+    records = sources.open_source("wa150", data_dir)
+    info, src = records.dataset, records.source
+    assert (info.kind, len(records), len(info.class_names)) == ("weak", 3, 150)
     assert info.class_names[0] == "wall"
     for i in range(len(src)):
         rec = src[i]
         raw = train[rec["image_id"].decode()]
         assert np.array_equal(rec["label"][..., 0], ade20k.reduce_zero_label(raw))
         assert rec["label"][0, 0, 0] == 255 and rec["label"][0, 1, 0] == 149
-    ds = pipeline.make_eval_dataset(None, data_dir=data_dir, source="a150", short_side=48)
+    ds = pipeline.make_eval_dataset("a150", data_dir=data_dir, short_side=48)
     assert len(ds) == 2
     for ex in ds:
         raw = val[ex["id"]]
-        assert ex["label"][0, 0] == sources.IGNORE
+        assert ex["label"][0, 0] == IGNORE
         assert np.array_equal(ex["label"][raw > 0], raw[raw > 0].astype(np.int32) - 1)
         assert ex["image"].shape == (48, 64, 3)
 

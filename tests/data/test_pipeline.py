@@ -1,42 +1,23 @@
 """Mixing into the group layout, determinism, exact resume, evaluation dataset (SPEC 3, 4, 7.1)."""
 
-import ml_collections
 import numpy as np
 
 from larvseg_jax import groups
-from larvseg_jax.data import pipeline, sources
+from larvseg_jax.data import catalog, pipeline
+from larvseg_jax.vocab import IGNORE
 
 SOURCES = ("syn_weak", "syn_seg", "syn_single")
-
-
-def _data_cfg(**over) -> ml_collections.ConfigDict:
-    cfg = ml_collections.ConfigDict(
-        {
-            "sources": SOURCES,
-            "ratio": (3, 3, 2),
-            "num_groups": 8,
-            "images_per_group": 2,
-            "crop_sizes": (32, 32, 24),
-            "scale_ranges": ((0.5, 2.0),) * 3,
-            "cat_max_ratio": 0.75,
-            "photometric": True,
-            "num_workers": 0,
-            "prefetch": 2,
-        }
-    )
-    cfg.update(over)
-    return cfg
-
-
+STREAMS = tuple(pipeline.StreamSpec(n, c) for n, c in zip(SOURCES, (32, 32, 24)))
 PLAN = groups.group_sources(SOURCES, (3, 3, 2), 8)
 
 
-def _iterator(data_dir, local_groups=range(8), seed=0, **over):
+def _iterator(data_dir, local_groups=range(8), seed=0):
     return pipeline.make_train_iterator(
-        _data_cfg(**over),
+        STREAMS,
         data_dir=data_dir,
         group_sources=PLAN,
         local_groups=list(local_groups),
+        images_per_group=2,
         seed=seed,
     )
 
@@ -55,11 +36,9 @@ def test_rows_hold_their_source_and_zero_ignore_elsewhere(tiny_world):
         assert label.shape == (8, 2, crop, crop) and label.dtype == np.int32
         mine = np.array([s == name for s in PLAN])
         assert mine.sum() == (3, 3, 2)[i]
-        assert (image[~mine] == 0).all() and (label[~mine] == sources.IGNORE).all()
-        assert all(
-            (label[g, b] != sources.IGNORE).any() for g in np.nonzero(mine)[0] for b in range(2)
-        )
-        assert label.max() < sources.source_info(name, tiny_world).num_classes
+        assert (image[~mine] == 0).all() and (label[~mine] == IGNORE).all()
+        assert all((label[g, b] != IGNORE).any() for g in np.nonzero(mine)[0] for b in range(2))
+        assert label.max() < len(catalog.class_names(name))
 
 
 def test_single_label_rows_are_one_class_everywhere(tiny_world):
@@ -143,20 +122,11 @@ def test_state_restore_resumes_at_the_identical_batch(tiny_world):
 
 
 def test_eval_dataset_shapes(tiny_world):
-    ds = pipeline.make_eval_dataset(
-        _data_cfg(), data_dir=tiny_world, source="syn_eval", short_side=40, max_images=3
-    )
+    ds = pipeline.make_eval_dataset("syn_eval", data_dir=tiny_world, short_side=40, max_images=3)
     assert len(ds) == 3
     for ex in ds:
         h0, w0 = ex["label"].shape
         assert ex["raw"].shape == (h0, w0, 3) and ex["raw"].dtype == np.uint8
         assert min(ex["image"].shape[:2]) == 40 and ex["image"].dtype == np.float32
         assert ex["label"].dtype == np.int32 and isinstance(ex["id"], str)
-    assert (
-        len(
-            pipeline.make_eval_dataset(
-                _data_cfg(), data_dir=tiny_world, source="syn_eval", short_side=40
-            )
-        )
-        == 4
-    )
+    assert len(pipeline.make_eval_dataset("syn_eval", data_dir=tiny_world, short_side=40)) == 4

@@ -33,12 +33,44 @@ def test_random_rescale_keeps_ratio_within_range(seed):
     assert set(np.unique(out["label"])) <= set(range(5))  # nearest: no new ids
 
 
-def test_resizes_preserve_constants_and_pick_nearest():
+def bilinear_loop(image, new_h, new_w):
+    """cv2.INTER_LINEAR by explicit loops: half-pixel centres, source clamped to the image."""
+    h, w = image.shape[:2]
+
+    def taps(i, n_in, n_out):
+        src = min(max((i + 0.5) * n_in / n_out - 0.5, 0.0), n_in - 1)
+        i0 = int(np.floor(src))
+        return i0, min(i0 + 1, n_in - 1), src - i0
+
+    out = np.zeros((new_h, new_w, image.shape[2]))
+    img = image.astype(np.float64)
+    for i in range(new_h):
+        y0, y1, fy = taps(i, h, new_h)
+        for j in range(new_w):
+            x0, x1, fx = taps(j, w, new_w)
+            top = (1 - fx) * img[y0, x0] + fx * img[y0, x1]
+            out[i, j] = (1 - fy) * top + fy * ((1 - fx) * img[y1, x0] + fx * img[y1, x1])
+    return out
+
+
+@pytest.mark.parametrize("new_hw", [(13, 4), (23, 31), (7, 9)])
+def test_resize_bilinear_matches_loop_reference(new_hw):
+    image = np.random.default_rng(1).integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    out = transforms.resize_bilinear(image, *new_hw)
+    assert out.shape == (*new_hw, 3) and out.dtype == np.uint8
+    want = bilinear_loop(image, *new_hw)
+    np.testing.assert_allclose(out, want, atol=0.5 + 1e-3)  # rounded to uint8
     flat = np.full((7, 9, 3), 77, np.uint8)
-    assert (transforms.resize_bilinear(flat, 13, 4) == 77).all()
+    assert (transforms.resize_bilinear(flat, *new_hw) == 77).all()
+
+
+def test_resize_nearest_picks_floor_source_index():
     label = np.array([[0, 1], [2, 3]], np.int32)
     up = transforms.resize_nearest(label, 4, 4)
     assert np.array_equal(up, np.kron(label, np.ones((2, 2), np.int32)))
+    label = np.arange(5 * 7, dtype=np.int32).reshape(5, 7)
+    down = transforms.resize_nearest(label, 3, 4)  # rows floor(i * 5 / 3), cols floor(j * 7 / 4)
+    assert np.array_equal(down, label[[0, 1, 3]][:, [0, 1, 3, 5]])
 
 
 def _crop_ok(crop, ratio=0.75):
@@ -81,14 +113,14 @@ def test_flip_moves_image_and_label_together():
 
 def test_normalize_and_pad_values():
     ex = _example(5, 7)
-    ex["image"][:] = np.round(transforms.MEAN).astype(np.uint8)
     out = transforms.Pad(8).map(transforms.Normalize().map(ex))
     assert out["image"].shape == (8, 8, 3) and out["image"].dtype == np.float32
-    assert np.abs(out["image"][:5, :7]).max() < 0.01
+    want = (ex["image"].astype(np.float64) - transforms.MEAN) / transforms.STD  # RGB order
+    np.testing.assert_allclose(out["image"][:5, :7], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(transforms.MEAN, [123.675, 116.28, 103.53])
+    np.testing.assert_allclose(transforms.STD, [58.395, 57.12, 57.375])
     assert (out["image"][5:] == 0).all() and (out["image"][:, 7:] == 0).all()
     assert (out["label"][5:] == IGNORE).all() and (out["label"][:5, :7] == 0).all()
-    white = transforms.normalize(np.full((1, 1, 3), 255, np.uint8))
-    np.testing.assert_allclose(white[0, 0], (255 - transforms.MEAN) / transforms.STD)
 
 
 def test_single_label_fills_every_pixel_including_padding():
@@ -114,7 +146,17 @@ def test_hsv_round_trip_and_photometric_shapes():
         for s in range(8)
     ]
     assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outs)
-    assert any(not np.array_equal(o, image) for o in outs)
+    assert sum(not np.array_equal(o, image) for o in outs) >= 6  # 5 ops, each with p = 0.5
+    # Grey stays grey (saturation 0: the saturation and hue steps cannot tint it) and every step
+    # is a monotone map of the intensity, so a grey ramp stays sorted.
+    ex["image"] = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=2)
+    changed = 0
+    for s in range(8):
+        grey = transforms.PhotoMetricDistortion().random_map(ex, np.random.default_rng(s))["image"]
+        assert (grey == grey[..., :1]).all()
+        assert (np.diff(grey[..., 0].astype(int).ravel()) >= 0).all()
+        changed += not np.array_equal(grey, ex["image"])
+    assert changed >= 4  # brightness and contrast reach grey pixels too
     off = transforms.PhotoMetricDistortion(False).random_map(ex, np.random.default_rng(0))
     assert off is ex
 

@@ -89,6 +89,9 @@ def test_xla_attention_gives_the_same_output(golden_g, params):
     got = apply_fn(attention="xla")({"params": params}, images)
     want = apply_fn(attention="custom_vjp")({"params": params}, images)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    # Equal outputs prove nothing unless the option reaches the attention call.
+    with pytest.raises(ValueError, match="unknown attention implementation 'bogus'"):
+        apply_fn(attention="bogus")({"params": params}, images)
 
 
 def test_drop_path_is_identity_in_eval_and_active_in_train(params):
