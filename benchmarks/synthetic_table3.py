@@ -37,7 +37,6 @@ def run_one(config: str, seed: int, steps: int, lr: float, workdir: str) -> dict
     cfg.train.checkpoint_every_steps = steps
     cfg.train.log_every_steps = max(steps // 6, 1)
     cfg.optim.lr = lr
-    cfg.data.dir = os.path.join(os.path.dirname(workdir), "data")  # one world for every run
     return train.train_and_evaluate(cfg, workdir)
 
 
