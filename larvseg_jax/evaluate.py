@@ -275,6 +275,26 @@ def write_json_atomic(path: str | os.PathLike, payload: Mapping) -> None:
             os.remove(tmp)
 
 
+class _ProgressLog:
+    """Logs evaluation progress with an ETA about every 10 % of the dataset."""
+
+    def __init__(self, step: int, size: int | None, enabled: bool):
+        self.step, self.size, self.enabled = step, size, enabled
+        self.every = max(1, size // 10) if size else 100
+        self.start, self.done = time.perf_counter(), 0
+
+    def image_done(self) -> None:
+        self.done += 1
+        if not self.enabled or self.done % self.every:
+            return
+        elapsed = time.perf_counter() - self.start
+        eta = f", ETA {elapsed / self.done * (self.size - self.done):.0f} s" if self.size else ""
+        total = f"/{self.size}" if self.size else ""
+        logging.info(
+            "eval step %d: %d%s images, %.0f s%s", self.step, self.done, total, elapsed, eta
+        )
+
+
 def run_evaluation(
     predict_fn: PredictFn,
     dataset: Iterable[Mapping],
@@ -313,10 +333,7 @@ def run_evaluation(
     totals = np.zeros((3, num_classes), np.int64)
     colours = visualize.palette(class_names) if palette is None else palette
     panels = []
-    size = len(dataset) if hasattr(dataset, "__len__") else None
-    every = max(1, size // 10) if size else 100
-    start = time.perf_counter()
-    num_images = 0
+    log = _ProgressLog(step, len(dataset) if hasattr(dataset, "__len__") else None, progress)
     for example in dataset:
         gt = np.asarray(example["label"])
         logits = slide_inference(
@@ -331,14 +348,8 @@ def run_evaluation(
         totals += np.stack(class_histograms(pred, gt, num_classes))
         if len(panels) < num_panels:
             panels.append(visualize.panel(example["raw"], gt, pred, colours, class_names))
-        num_images += 1
-        if progress and num_images % every == 0:
-            elapsed = time.perf_counter() - start
-            eta = f", ETA {elapsed / num_images * (size - num_images):.0f} s" if size else ""
-            total = f"/{size}" if size else ""
-            logging.info(
-                "eval step %d: %d%s images, %.0f s%s", step, num_images, total, elapsed, eta
-            )
+        log.image_done()
+    num_images = log.done
     intersect, pred_area, gt_area = totals
     report = miou_report(
         intersect,

@@ -1,5 +1,6 @@
 """Every config builds: vocabulary, step settings, model and train step, abstractly (eval_shape)."""
 
+import copy
 import functools
 import importlib
 import pathlib
@@ -11,7 +12,7 @@ import pytest
 from configs import base
 from larvseg_jax import experiment, sharding
 from larvseg_jax.errors import ConfigError
-from larvseg_jax.train_step import create_train_state, train_step
+from larvseg_jax.train_step import create_train_state, metric_names, train_step
 
 CONFIGS = sorted(
     p.stem
@@ -38,14 +39,21 @@ def test_config_builds_model_and_step_abstractly(name):
     cfg, voc, settings = build(name)
     if cfg.data.eval_source in PAPER_SPLITS:
         assert (len(voc.base), len(voc.novel)) == PAPER_SPLITS[cfg.data.eval_source]
-    model = experiment.build_model(cfg, len(voc.union))
     tx, schedule = experiment.build_optimizer(cfg)
-    mesh = sharding.make_mesh()
-    init = functools.partial(
-        create_train_state, model=model, tx=tx, image_size=32, settings=settings
-    )
-    state = jax.eval_shape(init, jax.random.PRNGKey(0))
+    model = experiment.build_model(cfg, len(voc.union))
+    state = jax.eval_shape(init_fn(model, tx, settings), jax.random.PRNGKey(0))
     g, b = settings.num_groups, settings.images_per_group
+    if cfg.ca.enabled:
+        c, d = state.params["head"]["cls_emb"].shape
+        assert state.bank.feats.shape == (g, c, cfg.ca.memory_size, cfg.ca.topk, d)
+    else:
+        assert state.bank is None
+    # The step is traced with the micro ViT: sources, groups, CA and class sampling are the
+    # config's own; tracing ViT-B/16 once more per config would only cost time.
+    small_cfg = copy.deepcopy(cfg)
+    small_cfg.model.variant = "micro"
+    small = experiment.build_model(small_cfg, len(voc.union))
+    state = jax.eval_shape(init_fn(small, tx, settings), jax.random.PRNGKey(0))
     batch = {
         spec.name: {
             "image": jax.ShapeDtypeStruct((g, b, spec.crop, spec.crop, 3), jnp.float32),
@@ -54,16 +62,23 @@ def test_config_builds_model_and_step_abstractly(name):
         for spec in settings.sources
     }
     step = functools.partial(
-        train_step, model=model, tx=tx, settings=settings, mesh=mesh, schedule=schedule
+        train_step,
+        model=small,
+        tx=tx,
+        settings=settings,
+        mesh=sharding.make_mesh(),
+        schedule=schedule,
     )
     new_state, metrics = jax.eval_shape(step, state, batch)
     assert jax.tree.map(lambda x: x.shape, new_state) == jax.tree.map(lambda x: x.shape, state)
     assert metrics["group_loss"].shape == (g,)
-    if cfg.ca.enabled:
-        c, d = state.params["head"]["cls_emb"].shape
-        assert state.bank.feats.shape == (g, c, cfg.ca.memory_size, cfg.ca.topk, d)
-    else:
-        assert state.bank is None
+    assert set(metrics) == {"group_loss", *metric_names(settings)}
+
+
+def init_fn(model, tx, settings):
+    return functools.partial(
+        create_train_state, model=model, tx=tx, image_size=32, settings=settings
+    )
 
 
 def test_sweep_arguments_are_typed_and_checked():

@@ -46,6 +46,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from larvseg_jax.data import catalog, sources
@@ -305,6 +306,10 @@ def ensure_synthetic(root: str, knobs: Any) -> str:
     if os.path.exists(os.path.join(final, sources.ROOT, FINGERPRINT)):
         return final
     os.makedirs(root, exist_ok=True)
+    count = sum(int(want["knobs"][k]) for k in ("num_seg", "num_weak", "num_single", "num_eval"))
+    logging.info(
+        "generating the synthetic world (%d images, once for these knobs) in %s", count, final
+    )
     tmp = tempfile.mkdtemp(prefix=".synthetic_tmp_", dir=root)
     try:
         import tensorflow_datasets as tfds
