@@ -21,7 +21,7 @@ IGNORE_COLOUR = (0, 0, 0)  # label -1
 # Where the ADE colour misleads, mostly in the synthetic world (data/synthetic.py): ADE draws
 # water light cyan [61, 230, 250], next to sky's [6, 230, 230]; water should read as water and
 # differ from sky. Its blue stays clear of ADE's car [0, 102, 200] and sea [9, 7, 230].
-OVERRIDES = {"water": (30, 60, 170)}
+OVERRIDES = {"water": (20, 45, 160)}
 MIN_HEIGHT = 256  # panels smaller than this are enlarged (nearest) so the legend text is readable
 MAX_WIDTH = 4096  # but never past this width (a wide strip of tiny images)
 
