@@ -153,3 +153,19 @@ def test_unknown_source_names_its_key():
     cfg.data.sources = {"a150": base.source(order=0, ratio=1, crop=64, weight=1.0)}
     with pytest.raises(ConfigError, match=r"data.sources.a150: 'a150' is an evaluation set"):
         experiment.validate(cfg)
+
+
+@pytest.mark.slow
+def test_vit_b16_trains_and_evaluates_on_the_smoke_data(tmp_path):
+    """The paper's ViT-B/16 through the whole loop (opt-in: --runslow, about a minute)."""
+    from configs import smoke
+    from larvseg_jax import train
+
+    cfg = smoke.get_config()
+    cfg.model.variant = "B/16"
+    cfg.model.pos_grid = (4, 4)  # 64-px crops / patch 16
+    cfg.train.total_steps = cfg.train.checkpoint_every_steps = cfg.train.eval_every_steps = 2
+    cfg.train.log_every_steps = 1
+    report = train.train_and_evaluate(cfg, str(tmp_path))
+    assert report["step"] == 2 and report["num_images"] == 4
+    assert 0 <= report["miou"] <= 100
