@@ -144,14 +144,14 @@ def _check_config_file(spec: str):
         _fail(f"{path}: {e}")
 
 
-def _bad_key_hint(cfg) -> str:
-    """`--config.KEY: no such key` with the closest known keys."""
+def _bad_key_hint(cfg, argv) -> str:
+    """`--config.KEY: no such key` with the closest known key, for the first unknown KEY."""
     known = _flat_keys(cfg)
-    for arg in sys.argv[1:]:
+    for arg in argv[1:]:
         key = arg.split("=")[0].removeprefix("--config.")
         if arg.startswith("--config.") and key not in known:
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            hint = f"; did you mean {close[0]}?" if close else ""
             return f"--config.{key}: no such key{hint} (configs/base.py lists every key)"
     return ""
 
@@ -177,7 +177,7 @@ def parse_flags(argv):
         FLAGS.config.keys()  # loads the config file now
     except (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError) as e:
         text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        text = _bad_key_hint(cfg) or text
+        text = _bad_key_hint(cfg, argv) or text
         _fail(f"bad command line: {text}")
     if not FLAGS.workdir:
         _fail("--workdir is required")

@@ -60,14 +60,19 @@ def open_writer(workdir: str) -> tb_writer.TensorBoardWriter:
     )
 
 
+def group_plan(setup: Setup) -> list[str]:
+    """The source of every global group (virtual device), in group order."""
+    settings = setup.settings
+    return [settings.sources[i].name for i in settings.group_source_ids]
+
+
 def make_train_iterator(setup: Setup):
     """This process's endless, checkpointable stream of host batches."""
-    settings = setup.settings
     return pipeline.make_train_iterator(
         setup.streams,
         data_dir=setup.data_dir,
-        group_sources=[settings.sources[i].name for i in settings.group_source_ids],
-        local_groups=groups.local_group_indices(settings.num_groups, setup.mesh),
+        group_sources=group_plan(setup),
+        local_groups=groups.local_group_indices(setup.settings.num_groups, setup.mesh),
         seed=setup.loop.seed,
         **setup.data_options,
     )
@@ -326,7 +331,7 @@ def _train_loop(setup, state, data_iter, ckpt, writer, *, do_eval, stop_at) -> d
     """
     loop = setup.loop
     step_fn = compile_step(setup, make_metrics_collection(setup.settings))
-    meta = {"config": setup.config_json, "group_sources": _group_plan(setup)}
+    meta = {"config": setup.config_json, "group_sources": group_plan(setup)}
     last = loop.total_steps if stop_at is None else min(stop_at, loop.total_steps)
     step = start_step = int(jax.device_get(state.step))
     window = LogWindow(setup, writer, step)
@@ -352,11 +357,6 @@ def _train_loop(setup, state, data_iter, ckpt, writer, *, do_eval, stop_at) -> d
         ckpt.wait()
         raise
     return report
-
-
-def _group_plan(setup: Setup) -> list[str]:
-    settings = setup.settings
-    return [settings.sources[i].name for i in settings.group_source_ids]
 
 
 def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> dict:

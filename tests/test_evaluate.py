@@ -13,6 +13,15 @@ from tests import reference
 
 N = 5
 RATE = 4  # fake model: logits at 1/4 of the window, like a coarse feature grid
+# The vocabulary, split and slide windows of the run_evaluation tests.
+EVAL_ARGS = {
+    "class_names": [f"c{k}" for k in range(N)],
+    "base_names": ["c0", "c2"],
+    "novel_names": ["c1", "c3", "c4"],
+    "crop": 24,
+    "stride": 16,
+    "mode": "slide",
+}
 PROJ = np.random.default_rng(0).normal(size=(3, N)).astype(np.float32)
 
 
@@ -183,18 +192,12 @@ def test_run_evaluation_writes_json_atomically_and_returns_panels(tmp_path):
         raw = rng.integers(0, 256, size=(*hw0, 3), dtype=np.uint8)
         image = rng.normal(size=(*hw, 3)).astype(np.float32)
         dataset.append({"image": image, "label": label, "raw": raw, "id": f"im{i}"})
-    names = [f"c{k}" for k in range(N)]
-    colours = visualize.palette(names)
+    colours = visualize.palette(EVAL_ARGS["class_names"])
     (tmp_path / "step_7.json").write_text("old")
     result = evaluate.run_evaluation(
         constant_predict,
         dataset,
-        class_names=names,
-        base_names=["c0", "c2"],
-        novel_names=["c1", "c3", "c4"],
-        crop=24,
-        stride=16,
-        mode="slide",
+        **EVAL_ARGS,
         step=7,
         out_dir=tmp_path,
         num_panels=2,
@@ -254,19 +257,13 @@ def test_run_evaluation_metrics_follow_the_slide_predictions(tmp_path):
         label[preds[-1] == 2] = np.where(rng.random(np.sum(preds[-1] == 2)) < 0.7, 2, 0)
         raw = np.zeros((*hw0, 3), np.uint8)
         dataset.append({"image": image, "label": label, "raw": raw, "id": str(hw)})
-    names = [f"c{k}" for k in range(N)]
     iou, acc = miou_reference(preds, [d["label"] for d in dataset], N)
     assert len(set(np.concatenate([p.ravel() for p in preds]).tolist())) >= 3
     assert np.nanmax(iou) > 0.2  # correlated with the GT, not a trivially zero score
     result = evaluate.run_evaluation(
         fake_predict,
         dataset,
-        class_names=names,
-        base_names=["c0", "c2"],
-        novel_names=["c1", "c3", "c4"],
-        crop=24,
-        stride=16,
-        mode="slide",
+        **EVAL_ARGS,
         step=3,
         out_dir=tmp_path,
         progress=False,
