@@ -31,8 +31,10 @@ class Dataset:
         "single" (one class per image, ImageNet-like) | "eval" (fully labelled test images).
       class_names: the local vocabulary; label id i means class_names[i].
       split: the split training or evaluation reads.
-      converter: the command that writes its records ("" = none ships yet; synthetic sources
-        are generated on the fly).
+      converter: the command that writes its records (synthetic sources are generated on
+        the fly).
+      frequency_source: for evaluation sets, the training source whose per-class image counts
+        (written by the converter) bin the classes into frequency buckets.
     """
 
     name: str
@@ -40,22 +42,35 @@ class Dataset:
     class_names: tuple[str, ...]
     split: str = "train"
     converter: str = ""
+    frequency_source: str = ""
 
     @property
     def synthetic(self) -> bool:
         return self.name.startswith("syn_")
 
 
+def _columns(classes_file: str) -> list[list[str]]:
+    return [line.split("\t") for line in (CLASSES_DIR / classes_file).read_text().splitlines()]
+
+
 def read_names(classes_file: str, naming: str = "plain") -> tuple[str, ...]:
     """Names of a classes/ file in label-id order; "c171_v1" cuts each at its first "-"."""
-    lines = (CLASSES_DIR / classes_file).read_text().splitlines()
-    names = [line.split("\t")[-1] for line in lines]  # "<wnid>\t<name>" for ImageNet subsets
+    # "<wnid>\t<name>" for ImageNet subsets, "<COCO id>\t<name>" for COCO-Stuff.
+    names = [cols[-1] for cols in _columns(classes_file)]
     if naming == "c171_v1":  # paper-time V1 names (SPEC 1.4)
         names = [n.split("-")[0] for n in names]
     return tuple(names)
 
 
+def read_keys(classes_file: str) -> tuple[str, ...]:
+    """The first column of a two-column classes/ file: ImageNet wnids or COCO category ids."""
+    return tuple(cols[0] for cols in _columns(classes_file))
+
+
+_COCO = "python -m data_prep.coco_stuff"
 _ADE = "python -m data_prep.ade20k"
+_ADE_FULL = "python -m data_prep.ade20k_full"
+_IMAGENET = "python -m data_prep.imagenet"
 _VAL = "validation"
 _A150 = read_names("a150.txt")
 _A847 = read_names("a847.txt")
@@ -63,24 +78,32 @@ _SYN_ALL = SYNTHETIC_BASE + SYNTHETIC_NOVEL
 DATASETS = {
     d.name: d
     for d in (
-        Dataset("c171", "seg", read_names("c171.txt", "c171_v1")),
+        # COCO-Stuff-164k: train (and its validation split, written beside it).
+        Dataset("c171", "seg", read_names("c171.txt", "c171_v1"), converter=_COCO),
         Dataset("wa150", "weak", _A150, converter=_ADE),
-        Dataset("a150", "eval", _A150, split=_VAL, converter=_ADE),
+        Dataset("a150", "eval", _A150, split=_VAL, converter=_ADE, frequency_source="wa150"),
         # ADE train with its pixel labels: the supervised upper bounds of Table 3.
         Dataset("a150_seg", "seg", _A150, converter=_ADE),
-        Dataset("a847_seg", "seg", _A847),
-        Dataset("wa847", "weak", _A847),
-        Dataset("a847", "eval", _A847, split=_VAL),
-        Dataset("i124", "single", read_names("i124.txt")),
-        Dataset("i585", "single", read_names("i585.txt")),
-        Dataset("i11k", "single", read_names("i11k.txt")),
+        Dataset("a847_seg", "seg", _A847, converter=_ADE_FULL),
+        Dataset("wa847", "weak", _A847, converter=_ADE_FULL),
+        Dataset("a847", "eval", _A847, split=_VAL, converter=_ADE_FULL, frequency_source="wa847"),
+        Dataset("i124", "single", read_names("i124.txt"), converter=_IMAGENET),
+        Dataset("i585", "single", read_names("i585.txt"), converter=_IMAGENET),
+        Dataset("i11k", "single", read_names("i11k.txt"), converter=_IMAGENET),
         # A847 validation restricted to the 585 ImageNet-overlapping classes (the 21K model's
         # test set, SPEC 8); other classes are ignore.
-        Dataset("a585", "eval", read_names("i585.txt"), split=_VAL),
+        Dataset(
+            "a585",
+            "eval",
+            read_names("i585.txt"),
+            split=_VAL,
+            converter=_ADE_FULL,
+            frequency_source="wa847",
+        ),
         Dataset("syn_seg", "seg", SYNTHETIC_BASE),
         Dataset("syn_weak", "weak", _SYN_ALL),
         Dataset("syn_single", "single", SYNTHETIC_NOVEL),
-        Dataset("syn_eval", "eval", _SYN_ALL, split=_VAL),
+        Dataset("syn_eval", "eval", _SYN_ALL, split=_VAL, frequency_source="syn_weak"),
     )
 }
 

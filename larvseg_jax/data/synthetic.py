@@ -56,7 +56,7 @@ BASE = catalog.SYNTHETIC_BASE
 NOVEL = catalog.SYNTHETIC_NOVEL
 ALL = BASE + NOVEL
 NAMES = ("syn_seg", "syn_weak", "syn_single", "syn_eval")  # kinds and vocabularies: catalog
-GENERATOR_VERSION = 1  # bump when the generator changes: existing data is then regenerated
+GENERATOR_VERSION = 2  # bump when the generator changes: existing data is then regenerated
 FINGERPRINT = "synthetic_world.json"
 DEFAULT_KNOBS = {
     "seed": 0,
