@@ -160,5 +160,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.eval.crop_size = 64  # sliding window (512)
     cfg.eval.stride = 64  # sliding stride (512)
     cfg.eval.max_images = -1  # -1 = the whole split
+    # mIoU per frequency bucket of the training images that carry each class (counted by the
+    # converter for the eval set's frequency source, e.g. wa150 for a150): rare = at most 10
+    # images, common = 11..100, frequent = more than 100 (the LVIS convention).
+    cfg.eval.frequency_buckets = (10, 100)
     cfg.eval.num_panels = 4  # input | GT | prediction panels written to TensorBoard
     return cfg

@@ -1,26 +1,46 @@
-"""Slide / whole inference, class histograms, mIoU all/base/novel and the eval JSON (SPEC 7).
+"""Slide / whole inference, class histograms, mIoU, hIoU, frequency buckets, the eval JSON (SPEC 7).
 
 Metric values are percentages (0-100), as the paper reports them. IoU of a class absent from both
-the ground truth and the predictions is NaN, excluded from every mean and written as JSON null.
+the ground truth and the predictions is NaN and written as JSON null.
+
+One departure from mmseg's mIoU: a class absent from the whole evaluation ground truth (gt_area
+0, e.g. some of A847's 847 classes in its 2,000 validation images) is left out of every mean
+(all, base, novel, hIoU, frequency buckets) even when it is predicted; mmseg would count it with
+IoU 0. Its per-class IoU is still reported (0 when predicted). The means are identical to mmseg's
+whenever every class occurs, as in A150 validation; the JSON lists the absent classes.
+
+Evaluation runs image by image, round-robin over the local devices (asynchronous dispatch lets
+them overlap) and, in a multi-process run, over processes, whose integer histograms are summed
+exactly before the report; the result is bit-identical to one device's.
 """
 
+import collections
 import functools
+import itertools
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TextIO
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax import lax
+from jax.experimental import multihost_utils
 
 from larvseg_jax import visualize
 from larvseg_jax.interp import resize_bilinear
 from larvseg_jax.vocab import IGNORE
 
-PredictFn = Callable[[jax.Array], jax.Array]  # [1, h, w, 3] -> mask-normed logits [1, h', w', N]
+# [1, h, w, 3] -> mask-normed logits [1, h', w', N], computed on the device that holds the images.
+PredictFn = Callable[[jax.Array], jax.Array]
+# Training-image counts that bin the classes: at most 10 images is rare, 11..100 common, more
+# than 100 frequent (the LVIS convention).
+BUCKET_THRESHOLDS = (10, 100)
+BUCKETS = ("rare", "common", "frequent")
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -94,6 +114,7 @@ def slide_inference(
     crop: int | Sequence[int],
     stride: int | Sequence[int],
     mode: str = "slide",
+    device: jax.Device | None = None,
 ) -> jax.Array:
     """Logits for one image at its (resized) input size, by sliding windows or one whole pass.
 
@@ -108,18 +129,21 @@ def slide_inference(
       num_classes: N.
       crop, stride: window size and step, int or (h, w); unused in whole mode.
       mode: "slide" or "whole" (one forward over the full image).
+      device: where the image goes and every step runs (jitted calls follow their committed
+        inputs); None = the default device.
 
     Returns:
-      float32 [H, W, N] logits, on device.
+      float32 [H, W, N] logits, on `device`; nothing is pulled to the host, so the caller can
+      dispatch the next image to another device at once.
     """
-    image = jnp.asarray(image, jnp.float32)
+    image = jnp.asarray(jax.device_put(image, device), jnp.float32)
     height, width = image.shape[:2]
     if mode == "whole":
         return _resize_one(_checked(predict_fn(image[None]), num_classes), hw=(height, width))
     if mode != "slide":
         raise ValueError(f"mode must be 'slide' or 'whole', got {mode!r}")
-    acc = jnp.zeros((height, width, num_classes), jnp.float32)
-    count = jnp.zeros((height, width), jnp.float32)
+    acc = jnp.zeros((height, width, num_classes), jnp.float32, device=device)
+    count = jnp.zeros((height, width), jnp.float32, device=device)
     for y1, y2, x1, x2 in slide_windows(height, width, crop, stride):
         hw = (y2 - y1, x2 - x1)
         logits = _checked(predict_fn(_crop(image, y1, x1, hw=hw)), num_classes)
@@ -208,6 +232,43 @@ def _nanmean(x: np.ndarray) -> float:
     return float(x.mean()) if x.size else float("nan")
 
 
+def harmonic_iou(base: float | None, novel: float | None) -> float | None:
+    """hIoU, the harmonic mean 2bn / (b + n) of base and novel mIoU that open-vocabulary
+    segmentation papers report: high only when both are. None if either is; 0 if both are 0."""
+    if base is None or novel is None:
+        return None
+    if base + novel == 0:
+        return 0.0
+    return 2.0 * base * novel / (base + novel)
+
+
+def _checked_thresholds(thresholds: Sequence[int]) -> tuple[int, int]:
+    rare_max, common_max = (int(t) for t in thresholds)
+    if not 0 <= rare_max < common_max:
+        raise ValueError(f"bucket thresholds {tuple(thresholds)} must be 0 <= rare < common")
+    return rare_max, common_max
+
+
+def frequency_buckets(
+    class_names: Sequence[str],
+    class_counts: Mapping[str, int],
+    thresholds: Sequence[int] = BUCKET_THRESHOLDS,
+) -> dict[str, list[str]]:
+    """Class names binned by how many training images carry them (a name missing from the
+    counts has 0): rare <= thresholds[0] < common <= thresholds[1] < frequent.
+
+    Returns:
+      {"rare": [...], "common": [...], "frequent": [...]}, each in class-id order.
+    """
+    rare_max, common_max = _checked_thresholds(thresholds)
+    out: dict[str, list[str]] = {b: [] for b in BUCKETS}
+    for name in class_names:
+        count = int(class_counts.get(name, 0))
+        bucket = "rare" if count <= rare_max else "common" if count <= common_max else "frequent"
+        out[bucket].append(name)
+    return out
+
+
 def miou_report(
     intersect: np.ndarray,
     union: np.ndarray,
@@ -216,19 +277,28 @@ def miou_report(
     class_names: Sequence[str],
     base_names: Sequence[str] = (),
     novel_names: Sequence[str] = (),
+    class_counts: Mapping[str, int] | None = None,
+    bucket_thresholds: Sequence[int] = BUCKET_THRESHOLDS,
 ) -> dict:
-    """Dataset-level IoU per class and its means over all / base / novel classes (SPEC 7.3).
+    """Dataset-level IoU per class and its means over all / base / novel / frequency buckets.
+
+    Classes absent from the ground truth are left out of every mean (see the module docstring).
 
     Args:
       intersect, union: int [N] summed over the dataset.
-      gt_area: int [N] summed over the dataset; gives pixel_acc (None without it).
+      gt_area: int [N] summed over the dataset; gives pixel_acc and tells the absent classes
+        (without it only classes of union 0 count as absent, and pixel_acc is None).
       class_names: N unique names, in class-id order.
       base_names, novel_names: subsets of `class_names` (the rule-2 split of SPEC 5.3).
+      class_counts: training images per class name (`frequency_buckets`); None = no buckets.
+      bucket_thresholds: (rare_max, common_max) training images.
 
     Returns:
-      {"miou", "miou_base", "miou_novel", "pixel_acc": percent or None,
-       "per_class_iou": {name: percent or None}, "num_classes", "num_base", "num_novel"}.
-      None marks NaN: a class with union 0, or a mean over no non-NaN class.
+      {"miou", "miou_base", "miou_novel", "hiou", "pixel_acc": percent or None,
+       "num_absent": int, "absent_classes": [names], "frequency": None or {"thresholds",
+       "miou_rare", "miou_common", "miou_frequent", "num_rare", "num_common", "num_frequent",
+       "classes": {bucket: [names]}}, "per_class_iou": {name: percent or None}, "num_classes",
+       "num_base", "num_novel"}. None marks NaN: a class with union 0, or a mean over no class.
     """
     intersect, union = np.asarray(intersect, np.float64), np.asarray(union, np.float64)
     if len(class_names) != len(intersect) or len(union) != len(intersect):
@@ -240,22 +310,40 @@ def miou_report(
         raise ValueError("class_names has duplicates")
     with np.errstate(invalid="ignore", divide="ignore"):
         iou = np.where(union > 0, intersect / union, np.nan)
+    present = union > 0 if gt_area is None else np.asarray(gt_area) > 0
+    scored = np.where(present, iou, np.nan)  # what every mean sees
 
     def subset_mean(names, what):
         missing = [n for n in names if n not in index]
         if missing:
             raise ValueError(f"{what} names not in class_names: {missing[:5]}")
-        return _percent(_nanmean(iou[[index[n] for n in names]]))
+        return _percent(_nanmean(scored[[index[n] for n in names]]))
 
     pixel_acc = None
     if gt_area is not None:
         total = float(np.sum(gt_area))
         pixel_acc = _percent(float(intersect.sum()) / total if total else float("nan"))
+    miou_base = subset_mean(base_names, "base")
+    miou_novel = subset_mean(novel_names, "novel")
+    frequency = None
+    if class_counts is not None:
+        buckets = frequency_buckets(class_names, class_counts, bucket_thresholds)
+        frequency = {
+            "thresholds": list(_checked_thresholds(bucket_thresholds)),
+            **{f"miou_{b}": subset_mean(buckets[b], b) for b in BUCKETS},
+            **{f"num_{b}": len(buckets[b]) for b in BUCKETS},
+            "classes": buckets,
+        }
+    absent = [name for name, p in zip(class_names, present) if not p]
     return {
-        "miou": _percent(_nanmean(iou)),
-        "miou_base": subset_mean(base_names, "base"),
-        "miou_novel": subset_mean(novel_names, "novel"),
+        "miou": _percent(_nanmean(scored)),
+        "miou_base": miou_base,
+        "miou_novel": miou_novel,
+        "hiou": harmonic_iou(miou_base, miou_novel),
         "pixel_acc": pixel_acc,
+        "num_absent": len(absent),
+        "absent_classes": absent,
+        "frequency": frequency,
         "per_class_iou": {name: _percent(v) for name, v in zip(class_names, iou)},
         "num_classes": len(class_names),
         "num_base": len(base_names),
@@ -275,24 +363,94 @@ def write_json_atomic(path: str | os.PathLike, payload: Mapping) -> None:
             os.remove(tmp)
 
 
-class _ProgressLog:
-    """Logs evaluation progress with an ETA about every 10 % of the dataset."""
+def _fmt_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
-    def __init__(self, step: int, size: int | None, enabled: bool):
+
+class _Progress:
+    """Evaluation progress with rate and ETA: a one-line bar redrawn in place when the stream is
+    a terminal, else a log line about every 10 % of the images (log files stay short)."""
+
+    WIDTH = 24  # bar characters
+    REDRAW_S = 0.2  # at most five redraws a second
+
+    def __init__(self, step: int, size: int | None, enabled: bool, stream: TextIO | None = None):
         self.step, self.size, self.enabled = step, size, enabled
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = enabled and bool(getattr(self.stream, "isatty", lambda: False)())
         self.every = max(1, size // 10) if size else 100
         self.start, self.done = time.perf_counter(), 0
+        self.drawn_at, self.drawn_done = 0.0, 0
+
+    def _stats(self) -> tuple[float, float, str]:
+        elapsed = time.perf_counter() - self.start
+        rate = self.done / max(elapsed, 1e-9)
+        eta = f", ETA {_fmt_seconds((self.size - self.done) / rate)}" if self.size else ""
+        return elapsed, rate, eta
 
     def image_done(self) -> None:
         self.done += 1
-        if not self.enabled or self.done % self.every:
+        if not self.enabled:
             return
-        elapsed = time.perf_counter() - self.start
-        eta = f", ETA {elapsed / self.done * (self.size - self.done):.0f} s" if self.size else ""
-        total = f"/{self.size}" if self.size else ""
-        logging.info(
-            "eval step %d: %d%s images, %.0f s%s", self.step, self.done, total, elapsed, eta
-        )
+        if self.tty:
+            now = time.perf_counter()
+            if now - self.drawn_at >= self.REDRAW_S or self.done == self.size:
+                self.drawn_at = now
+                self._draw()
+        elif self.done % self.every == 0:
+            elapsed, rate, eta = self._stats()
+            total = f"/{self.size}" if self.size else ""
+            logging.info(
+                "eval step %d: %d%s images, %.0f s, %.2f img/s%s",
+                self.step,
+                self.done,
+                total,
+                elapsed,
+                rate,
+                eta,
+            )
+
+    def _draw(self) -> None:
+        _, rate, eta = self._stats()
+        if self.size:
+            full = self.WIDTH * self.done // self.size
+            bar = f"[{'#' * full}{'.' * (self.WIDTH - full)}] {self.done}/{self.size}"
+        else:
+            bar = f"{self.done}"
+        self.stream.write(f"\r\033[Keval step {self.step} {bar} images, {rate:.2f} img/s{eta}")
+        self.stream.flush()
+        self.drawn_done = self.done
+
+    def close(self) -> None:
+        """Ends the bar's line so the next log line starts on its own."""
+        if self.tty and self.done:
+            if self.drawn_done != self.done:
+                self._draw()
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _process_share(dataset: Iterable[Mapping], index: int, count: int) -> Iterable[Mapping]:
+    """Images index, index + count, ... of `dataset`: this process's share."""
+    if count == 1:
+        return dataset
+    if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
+        return dataset[index::count]  # lists and grain MapDatasets: skipped images are not decoded
+    return itertools.islice(dataset, index, None, count)
+
+
+def _allgather_int64(x: np.ndarray) -> np.ndarray:
+    """[P, ...] int64 values of every process, exactly: gathered as int32 halves, since JAX
+    without x64 would truncate int64 (an A847 pixel count may pass 2**31)."""
+    halves = np.ascontiguousarray(x, np.int64).view(np.int32)
+    return np.ascontiguousarray(multihost_utils.process_allgather(halves)).view(np.int64)
+
+
+def _sum_over_processes(x: np.ndarray) -> np.ndarray:
+    if jax.process_count() == 1:
+        return x
+    return _allgather_int64(x).sum(0)
 
 
 def run_evaluation(
@@ -310,31 +468,61 @@ def run_evaluation(
     num_panels: int = 0,
     palette: np.ndarray | None = None,
     progress: bool = True,
+    devices: Sequence[jax.Device] | None = None,
+    class_counts: Mapping[str, int] | None = None,
+    frequency_source: str = "",
+    frequency_note: str = "",
+    bucket_thresholds: Sequence[int] = BUCKET_THRESHOLDS,
 ) -> dict:
     """Evaluates `predict_fn` over a dataset and writes `out_dir/step_<step>.json` (SPEC 7).
 
+    Image i of this process goes to devices[i % n]; two images per device are in flight, so a
+    device computes while the host reads back an earlier image and decodes the next. Process p
+    of P takes images p, p + P, ...; the integer histograms are summed over processes, every
+    process returns the report and process 0 writes it.
+
     Args:
-      predict_fn: see `slide_inference`.
+      predict_fn: see `slide_inference`; it must run on the device that holds its input (a
+        jitted function with no committed arguments elsewhere does).
       dataset: iterable of {"image": float32 [H, W, 3] resized and normalised, "label": int32
         [H0, W0] original-size GT (ignore -1), "raw": uint8 [H0, W0, 3], "id": str}.
       class_names, base_names, novel_names: see `miou_report`.
       crop, stride, mode: see `slide_inference`.
       step: training step, names the JSON file.
       out_dir: directory for the JSON (created if missing).
-      num_panels: how many input | GT | prediction panels to return (first images).
+      num_panels: how many input | GT | prediction panels to return (this process's first
+        images).
       palette: uint8 [N, 3]; `visualize.palette(class_names)` when None.
-      progress: log progress with ETA about every 10 % of the dataset.
+      progress: report progress with rate and ETA (a bar on a terminal, else log lines).
+      devices: where images go, round-robin; default all local devices.
+      class_counts: training images per class name, for the frequency buckets; None = none.
+      frequency_source: the training source the counts come from (written in the JSON).
+      frequency_note: why there are no counts (written when class_counts is None).
+      bucket_thresholds: see `miou_report`.
 
     Returns:
-      The JSON payload ({"step", "num_images", "mode"} plus `miou_report`'s keys) and "panels":
-      a list of uint8 [s * H0 + legend rows, 3 * s * W0, 3] (see `visualize.panel`).
+      The JSON payload ({"step", "num_images", "mode"}, `miou_report`'s keys with "source" in
+      "frequency", and "frequency_note" when "frequency" is null) and "panels": a list of uint8
+      [s * H0 + legend rows, 3 * s * W0, 3] (see `visualize.panel`).
     """
+    devices = list(jax.local_devices() if devices is None else devices)
     num_classes = len(class_names)
     totals = np.zeros((3, num_classes), np.int64)
     colours = visualize.palette(class_names) if palette is None else palette
     panels = []
-    log = _ProgressLog(step, len(dataset) if hasattr(dataset, "__len__") else None, progress)
-    for example in dataset:
+    share = _process_share(dataset, jax.process_index(), jax.process_count())
+    log = _Progress(step, len(share) if hasattr(share, "__len__") else None, progress)
+    pending: collections.deque = collections.deque()
+
+    def finish(gt, pred, raw):
+        nonlocal totals
+        pred = np.asarray(pred)  # the only device-to-host transfer of an image
+        totals += np.stack(class_histograms(pred, gt, num_classes))
+        if raw is not None:
+            panels.append(visualize.panel(raw, gt, pred, colours, class_names))
+        log.image_done()
+
+    for i, example in enumerate(share):
         gt = np.asarray(example["label"])
         logits = slide_inference(
             predict_fn,
@@ -343,14 +531,17 @@ def run_evaluation(
             crop=crop,
             stride=stride,
             mode=mode,
+            device=devices[i % len(devices)],
         )
-        pred = np.asarray(predict_labels(logits, gt.shape))
-        totals += np.stack(class_histograms(pred, gt, num_classes))
-        if len(panels) < num_panels:
-            panels.append(visualize.panel(example["raw"], gt, pred, colours, class_names))
-        log.image_done()
-    num_images = log.done
-    intersect, pred_area, gt_area = totals
+        raw = example["raw"] if i < num_panels else None
+        pending.append((gt, predict_labels(logits, gt.shape), raw))
+        if len(pending) >= 2 * len(devices):
+            finish(*pending.popleft())
+    while pending:
+        finish(*pending.popleft())
+    log.close()
+    summed = _sum_over_processes(np.append(totals.ravel(), log.done))
+    (intersect, pred_area, gt_area), num_images = summed[:-1].reshape(3, -1), int(summed[-1])
     report = miou_report(
         intersect,
         pred_area + gt_area - intersect,
@@ -358,17 +549,57 @@ def run_evaluation(
         class_names=class_names,
         base_names=base_names,
         novel_names=novel_names,
+        class_counts=class_counts,
+        bucket_thresholds=bucket_thresholds,
     )
     payload = {"step": int(step), "num_images": num_images, "mode": mode, **report}
-    os.makedirs(out_dir, exist_ok=True)
-    write_json_atomic(os.path.join(out_dir, f"step_{int(step)}.json"), payload)
-    logging.info(
-        "eval step %d: mIoU %.2f (base %.2f, novel %.2f) over %d images",
-        step,
-        *(
-            np.nan if payload[k] is None else payload[k]
-            for k in ("miou", "miou_base", "miou_novel")
-        ),
-        num_images,
-    )
+    if report["frequency"] is not None:
+        payload["frequency"] = {"source": frequency_source, **report["frequency"]}
+    else:
+        payload["frequency_note"] = frequency_note or "no training-image counts were given"
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        write_json_atomic(os.path.join(out_dir, f"step_{int(step)}.json"), payload)
+    _log_report(payload)
     return {**payload, "panels": panels}
+
+
+def _log_report(payload: Mapping) -> None:
+    """The means in the log: one line for all / base / novel / hIoU, one for the buckets."""
+
+    def num(key, where=payload):
+        return np.nan if where[key] is None else where[key]
+
+    step = payload["step"]
+    logging.info(
+        "eval step %d: mIoU %.2f (base %.2f, novel %.2f, hIoU %.2f) over %d images",
+        step,
+        *(num(k) for k in ("miou", "miou_base", "miou_novel", "hiou")),
+        payload["num_images"],
+    )
+    if payload["num_absent"]:
+        logging.info(
+            "eval step %d: %d of %d classes absent from the ground truth, left out of the means",
+            step,
+            payload["num_absent"],
+            payload["num_classes"],
+        )
+    freq = payload["frequency"]
+    if freq is None:
+        logging.info("eval step %d: no frequency buckets: %s", step, payload["frequency_note"])
+        return
+    rare_max, common_max = freq["thresholds"]
+    logging.info(
+        "eval step %d: by %s training images, rare (<= %d) %.2f [%d classes], common (<= %d) "
+        "%.2f [%d], frequent %.2f [%d]",
+        step,
+        freq["source"],
+        rare_max,
+        num("miou_rare", freq),
+        freq["num_rare"],
+        common_max,
+        num("miou_common", freq),
+        freq["num_common"],
+        num("miou_frequent", freq),
+        freq["num_frequent"],
+    )

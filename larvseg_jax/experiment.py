@@ -54,6 +54,7 @@ class LoopSettings:
     eval_crop: int
     eval_stride: int
     eval_max_images: int
+    eval_frequency_buckets: tuple[int, int]  # (rare_max, common_max) training images
     num_panels: int
 
 
@@ -160,6 +161,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _one_of(cfg.eval.mode, EVAL_MODES, "eval.mode")
     for key in ("short_side", "crop_size", "stride"):
         _check(cfg.eval[key] >= 1, f"eval.{key} must be >= 1")
+    buckets = tuple(cfg.eval.frequency_buckets)
+    _check(
+        len(buckets) == 2
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in buckets)
+        and 0 <= buckets[0] < buckets[1],
+        f"eval.frequency_buckets={buckets} must be two ints 0 <= rare_max < common_max, "
+        "e.g. (10, 100)",
+    )
     synthetic.fingerprint(cfg.data.synthetic)  # unknown knobs
 
 
@@ -285,6 +294,7 @@ def loop_settings(cfg: ml_collections.ConfigDict) -> LoopSettings:
         eval_crop=cfg.eval.crop_size,
         eval_stride=cfg.eval.stride,
         eval_max_images=cfg.eval.max_images,
+        eval_frequency_buckets=tuple(int(t) for t in cfg.eval.frequency_buckets),
         num_panels=cfg.eval.num_panels,
     )
 

@@ -24,7 +24,7 @@ from larvseg_jax import (
     tb_writer,
     visualize,
 )
-from larvseg_jax.data import pipeline
+from larvseg_jax.data import catalog, pipeline, sources
 from larvseg_jax.errors import MissingError, NonFiniteError
 from larvseg_jax.experiment import Setup
 from larvseg_jax.models import pretrained
@@ -108,17 +108,56 @@ def compile_step(setup: Setup, collection: type[clu_metrics.Collection]):
     )
 
 
-def make_predict_fn(setup: Setup, params: Any):
-    """Jitted images [1, h, w, 3] -> eval-vocabulary logits [1, h', w', N] on the first device."""
-    device = jax.local_devices()[0]
-    params = jax.device_put(params, device)
-    index = jax.device_put(np.asarray(setup.voc.eval_index), device)
+def _local_value(x: Any) -> Any:
+    """A replicated global array's copy on one of this process's devices (device_put of a
+    multi-process array to one device is not allowed); anything else as it is."""
+    if isinstance(x, jax.Array) and x.is_fully_replicated:
+        return x.addressable_shards[0].data
+    return x
+
+
+def make_predict_fn(setup: Setup, params: Any, devices: Any = None) -> evaluate.PredictFn:
+    """Jitted images [1, h, w, 3] -> eval-vocabulary logits [1, h', w', N], computed on the
+    device that holds the images.
+
+    Params and the class index are copied once to each of `devices` (default: the local ones),
+    so the round-robin of `evaluate.run_evaluation` moves only images. One jitted function: its
+    programs are per window shape and device, never per image.
+    """
+    devices = jax.local_devices() if devices is None else list(devices)
+    params = jax.tree.map(_local_value, params)
+    index = np.asarray(setup.voc.eval_index)
+    replicas = {d: (jax.device_put(params, d), jax.device_put(index, d)) for d in devices}
 
     @jax.jit
-    def predict(p, images):
-        return setup.model.apply({"params": p}, images, index, train=False)[0]
+    def predict(p, eval_index, images):
+        return setup.model.apply({"params": p}, images, eval_index, train=False)[0]
 
-    return lambda images: predict(params, jax.device_put(images, device))
+    def predict_on_images_device(images: jax.Array) -> jax.Array:
+        if images.device not in replicas:
+            raise ValueError(f"images on {images.device}; params are on {list(replicas)}")
+        return predict(*replicas[images.device], images)
+
+    return predict_on_images_device
+
+
+def frequency_counts(data_dir: str, eval_source: str) -> tuple[str, dict | None, str]:
+    """Training images per class name from the eval set's frequency source (catalog).
+
+    Returns:
+      (source name or "", counts or None, why there are none or "").
+    """
+    source = catalog.get(eval_source).frequency_source
+    if not source:
+        return "", None, f"the catalog names no frequency source for {eval_source!r}"
+    counts = sources.class_image_counts(data_dir, source, split=catalog.get(source).split)
+    if counts is not None:
+        return source, counts, ""
+    where = sources.source_dir(data_dir, source)
+    if not os.path.exists(os.path.join(where, "metadata.json")):
+        return source, None, f"training source {source!r} is not on disk ({where})"
+    why = "has no per-class image counts (written before they were counted: re-run its converter)"
+    return source, None, f"{where}/metadata.json {why}"
 
 
 def run_eval(setup: Setup, state: TrainState, step: int, writer: Any) -> dict:
@@ -130,6 +169,7 @@ def run_eval(setup: Setup, state: TrainState, step: int, writer: Any) -> dict:
         short_side=loop.eval_short_side,
         max_images=loop.eval_max_images,
     )
+    frequency_source, counts, note = frequency_counts(setup.data_dir, loop.eval_source)
     report = evaluate.run_evaluation(
         make_predict_fn(setup, state.params),
         dataset,
@@ -142,16 +182,16 @@ def run_eval(setup: Setup, state: TrainState, step: int, writer: Any) -> dict:
         step=step,
         out_dir=os.path.join(setup.workdir, "eval"),
         num_panels=loop.num_panels,
+        class_counts=counts,
+        frequency_source=frequency_source,
+        frequency_note=note,
+        bucket_thresholds=loop.eval_frequency_buckets,
     )
     panels = report.pop("panels", [])
-    writer.write_scalars(
-        step,
-        {
-            f"eval/{k}": report[k]
-            for k in ("miou", "miou_base", "miou_novel", "pixel_acc")
-            if report[k] is not None
-        },
-    )
+    scalars = {k: report[k] for k in ("miou", "miou_base", "miou_novel", "hiou", "pixel_acc")}
+    if report["frequency"] is not None:
+        scalars.update({f"miou_{b}": report["frequency"][f"miou_{b}"] for b in evaluate.BUCKETS})
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items() if v is not None})
     if panels:
         # Panels keep each image's own size, so they are written one tag each.
         writer.write_images(

@@ -133,6 +133,8 @@ def random_pairs(rng, num, num_classes=6):
 
 
 def test_miou_matches_numpy_reference_with_absent_and_false_positive_classes():
+    """Class e never occurs (null); class f is predicted but absent from the GT: IoU 0 in the
+    table, left out of every mean (mmseg would average its 0 in)."""
     names = ["a", "b", "c", "d", "e", "f"]
     preds, gts = random_pairs(np.random.default_rng(4), 4)
     totals = sum(np.stack(evaluate.class_histograms(p, g, 6)) for p, g in zip(preds, gts))
@@ -149,13 +151,95 @@ def test_miou_matches_numpy_reference_with_absent_and_false_positive_classes():
     iou, acc = miou_reference(preds, gts, 6)
     assert np.isnan(iou[4]) and iou[5] == 0
     assert report["per_class_iou"]["e"] is None and report["per_class_iou"]["f"] == 0.0
-    np.testing.assert_allclose(report["miou"], 100 * np.nanmean(iou), rtol=1e-12)
-    np.testing.assert_allclose(report["miou_base"], 100 * np.nanmean(iou[[0, 2]]), rtol=1e-12)
-    np.testing.assert_allclose(report["miou_novel"], 100 * np.mean(iou[[1, 3, 5]]), rtol=1e-12)
+    assert report["num_absent"] == 2 and report["absent_classes"] == ["e", "f"]
+    np.testing.assert_allclose(report["miou"], 100 * np.mean(iou[:4]), rtol=1e-12)
+    np.testing.assert_allclose(report["miou_base"], 100 * np.mean(iou[[0, 2]]), rtol=1e-12)
+    novel = 100 * np.mean(iou[[1, 3]])
+    np.testing.assert_allclose(report["miou_novel"], novel, rtol=1e-12)
+    base = report["miou_base"]
+    np.testing.assert_allclose(report["hiou"], 2 * base * novel / (base + novel), rtol=1e-12)
+    assert report["frequency"] is None
     np.testing.assert_allclose(report["pixel_acc"], 100 * acc, rtol=1e-12)
     got = [report["per_class_iou"][n] for n in names]
     np.testing.assert_allclose(np.array(got, float), 100 * iou, rtol=1e-12)
     assert (report["num_classes"], report["num_base"], report["num_novel"]) == (6, 3, 3)
+
+
+def test_predicted_but_absent_class_is_left_out_of_every_mean():
+    """Hand-computed: a IoU 5/10, b 2/8, c predicted on 4 pixels but absent from the GT (IoU 0),
+    d neither. mmseg's mIoU would be (50 + 25 + 0) / 3 = 25; here it is (50 + 25) / 2."""
+    report = evaluate.miou_report(
+        [5, 2, 0, 0],
+        [10, 8, 4, 0],
+        [8, 4, 0, 0],
+        class_names=["a", "b", "c", "d"],
+        base_names=["a", "c"],
+        novel_names=["b", "d"],
+        class_counts={"a": 500, "b": 50, "c": 3},  # d missing: 0 training images
+    )
+    assert report["per_class_iou"] == {"a": 50.0, "b": 25.0, "c": 0.0, "d": None}
+    assert report["miou"] == 37.5
+    assert (report["miou_base"], report["miou_novel"]) == (50.0, 25.0)  # c and d left out
+    assert report["hiou"] == pytest.approx(2 * 50 * 25 / 75)  # 33.33
+    assert report["pixel_acc"] == pytest.approx(100 * 7 / 12)
+    assert (report["num_absent"], report["absent_classes"]) == (2, ["c", "d"])
+    assert report["frequency"] == {
+        "thresholds": [10, 100],
+        "miou_rare": None,  # c and d, both absent from the GT
+        "miou_common": 25.0,
+        "miou_frequent": 50.0,
+        "num_rare": 2,
+        "num_common": 1,
+        "num_frequent": 1,
+        "classes": {"rare": ["c", "d"], "common": ["b"], "frequent": ["a"]},
+    }
+
+
+def test_frequency_bucket_means_by_hand():
+    """Six present classes; IoU 10, 20, 30, 40, 50, 60 %; counts at the bucket edges."""
+    names = ["r0", "r10", "c11", "c100", "f101", "f5000"]
+    counts = {"r0": 0, "r10": 10, "c11": 11, "c100": 100, "f101": 101, "f5000": 5000}
+    report = evaluate.miou_report(
+        [1, 2, 3, 4, 5, 6],
+        [10, 10, 10, 10, 10, 10],
+        [5, 5, 5, 5, 5, 5],
+        class_names=names,
+        class_counts=counts,
+    )
+    freq = report["frequency"]
+    assert freq["classes"] == {
+        "rare": ["r0", "r10"],
+        "common": ["c11", "c100"],
+        "frequent": ["f101", "f5000"],
+    }
+    assert freq["miou_rare"] == pytest.approx(15.0)
+    assert freq["miou_common"] == pytest.approx(35.0)
+    assert freq["miou_frequent"] == pytest.approx(55.0)
+    assert report["miou"] == pytest.approx(35.0) and report["hiou"] is None  # no base/novel
+    # Other thresholds: rare <= 0 < common <= 11 < frequent.
+    freq = evaluate.miou_report(
+        [1, 2, 3, 4, 5, 6],
+        [10] * 6,
+        [5] * 6,
+        class_names=names,
+        class_counts=counts,
+        bucket_thresholds=(0, 11),
+    )["frequency"]
+    assert (freq["num_rare"], freq["num_common"], freq["num_frequent"]) == (1, 2, 3)
+    assert freq["miou_rare"] == pytest.approx(10.0) and freq["thresholds"] == [0, 11]
+    assert freq["miou_frequent"] == pytest.approx(50.0)
+    with pytest.raises(ValueError, match="must be 0 <= rare < common"):
+        evaluate.frequency_buckets(names, counts, (100, 10))
+
+
+@pytest.mark.parametrize(
+    "base, novel, want",
+    [(50.0, 25.0, 100 / 3), (40.0, 40.0, 40.0), (0.0, 0.0, 0.0), (60.0, 0.0, 0.0)]
+    + [(None, 5.0, None), (5.0, None, None)],
+)
+def test_harmonic_iou(base, novel, want):
+    got = evaluate.harmonic_iou(base, novel)
+    assert got == (None if want is None else pytest.approx(want))
 
 
 def test_class_histograms_drop_ignore_and_reject_bad_ids():
@@ -224,7 +308,10 @@ def test_run_evaluation_writes_json_atomically_and_returns_panels(tmp_path):
     assert saved["miou"] == pytest.approx(100 * iou2 / 4)
     assert saved["miou_base"] == pytest.approx(100 * iou2 / 2)
     assert saved["miou_novel"] == 0.0
+    assert saved["hiou"] == 0.0
     assert saved["pixel_acc"] == pytest.approx(100 * iou2)
+    assert (saved["num_absent"], saved["absent_classes"]) == (1, ["c4"])
+    assert saved["frequency"] is None and saved["frequency_note"]
 
     assert len(panels) == 2
     for panel, d in zip(panels, dataset):  # enlarged by an integer s, legend strip below
@@ -271,7 +358,8 @@ def test_run_evaluation_metrics_follow_the_slide_predictions(tmp_path):
     got = np.array([np.nan if v is None else v for v in result["per_class_iou"].values()])
     np.testing.assert_allclose(got, 100 * iou, rtol=1e-12)
     np.testing.assert_allclose(result["pixel_acc"], 100 * acc, rtol=1e-12)
-    np.testing.assert_allclose(result["miou"], 100 * np.nanmean(iou), rtol=1e-12)
+    present = np.isin(np.arange(N), np.concatenate([d["label"].ravel() for d in dataset]))
+    np.testing.assert_allclose(result["miou"], 100 * np.mean(iou[present]), rtol=1e-12)
     assert result["num_images"] == 3
 
 
