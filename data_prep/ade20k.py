@@ -1,28 +1,25 @@
-"""ADEChallengeData2016 -> ArrayRecord sources wa150 / a150_seg (training) and a150 (validation).
+"""ADE20K-150 (ADEChallengeData2016) -> sources wa150 and a150_seg (train) and a150 (validation).
 
-SPEC 5.1: labels are PNGs with 0 = "other" and k = class k; mmseg's reduce_zero_label maps
-0 -> 255 (ignore) and k -> k - 1, giving ids 0..149. The converter applies it once, so the
-records hold the 150-class ids with ignore 255. JPEGs are stored as they are (no re-encoding).
+    python -m data_prep.ade20k --src /data/ADEChallengeData2016 --out /data/larvseg
 
-    python -m data_prep.ade20k --ade_dir /data/ADEChallengeData2016 --data_dir /data/larvseg
+Layout (the SceneParsing download): images/{training,validation}/*.jpg and
+annotations/{training,validation}/*.png, uint8 labels with 0 = "other" and k = class k.
+SPEC 5.1: mmseg's reduce_zero_label maps 0 -> 255 (ignore) and k -> k - 1, giving ids 0..149; the
+converter applies it once, so the records hold the 150-class ids with ignore 255. The training
+images are written once and serve both as weak data (wa150, image-level labels) and as the
+supervised upper bound's pixel labels (a150_seg, hard links to the same shards).
 """
 
-import io
 import os
-from collections.abc import Iterator, Sequence
 
 import numpy as np
-from absl import app, flags, logging
-from PIL import Image
+from absl import app
 
-from larvseg_jax.data import catalog, sources
+from data_prep import cli, convert, images
+from larvseg_jax.errors import MissingError
 
-# source -> (kind, ADE subdirectory, split written)
-OUTPUTS = {
-    "wa150": ("weak", "training", "train"),
-    "a150_seg": ("seg", "training", "train"),
-    "a150": ("eval", "validation", "validation"),
-}
+VALID = np.ones(151, bool)  # stored values 0..150 (0 = other)
+SPLITS = {"training": "train", "validation": "validation"}
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
@@ -32,57 +29,60 @@ def reduce_zero_label(label: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def _examples(ade_dir: str, subdir: str) -> Iterator[dict]:
-    image_dir = os.path.join(ade_dir, "images", subdir)
-    label_dir = os.path.join(ade_dir, "annotations", subdir)
-    names = sorted(f for f in os.listdir(image_dir) if f.endswith(".jpg"))
-    if not names:
-        raise FileNotFoundError(f"no .jpg images in {image_dir}: is --ade_dir the ADE root?")
-    for name in names:
-        stem = name[: -len(".jpg")]
-        label_path = os.path.join(label_dir, stem + ".png")
-        if not os.path.exists(label_path):
-            raise FileNotFoundError(f"{label_path} is missing (annotation of {name})")
-        label = np.asarray(Image.open(label_path))
-        if label.ndim != 2 or label.max() > 150:
-            raise ValueError(f"{label_path}: expected a 1-channel PNG with ids 0..150")
-        buf = io.BytesIO()
-        Image.fromarray(reduce_zero_label(label)).save(buf, format="PNG")
-        yield {
-            "image": os.path.join(image_dir, name),
-            "label": buf.getvalue(),
-            "image_id": stem,
-        }
+def make_example(item: convert.Item) -> dict:
+    image, size, note = images.read_rgb(item.image)
+    label = images.read_label(item.label)
+    images.check_label(label, size, item.label, VALID)
+    return {
+        "image": image,
+        "image_id": item.image_id,
+        "label": images.png_bytes(reduce_zero_label(label)),
+        "note": note,
+    }
 
 
-def convert(ade_dir: str, data_dir: str, names: Sequence[str] = ("wa150", "a150")) -> None:
-    """Writes the requested sources (keys of OUTPUTS) under data_dir."""
-    for name in names:
-        if name not in OUTPUTS:
-            raise ValueError(f"unknown ADE output {name!r}; known: {sorted(OUTPUTS)}")
-        kind, subdir, split = OUTPUTS[name]
-        path = sources.write_source(
-            data_dir,
-            name,
-            kind=kind,
-            class_names=catalog.class_names("a150"),
-            split_examples={split: lambda subdir=subdir: _examples(ade_dir, subdir)},
-            image_format="jpeg",
+def find_root(src: str) -> str:
+    """The ADEChallengeData2016 folder: `src` itself or its child of that name."""
+    for root in (src, os.path.join(src, "ADEChallengeData2016")):
+        if os.path.isdir(os.path.join(root, "images")):
+            return root
+    raise MissingError(
+        f"{src} holds no images/ folder: --src should be the ADEChallengeData2016 folder "
+        "(images/ and annotations/, from the ADE20K SceneParsing download)"
+    )
+
+
+def jobs(src: str) -> list[convert.SourceJob]:
+    root = find_root(src)
+    listed = {}
+    for subdir, split in SPLITS.items():
+        image_dir = convert.require_dir(
+            os.path.join(root, "images", subdir), f"ADE20K needs images/{subdir}/ under {root}"
         )
-        logging.info("wrote %s (%s, %s) to %s", name, kind, split, path)
-
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("ade_dir", None, "ADEChallengeData2016 root (images/, annotations/).")
-flags.DEFINE_string("data_dir", None, "Data root the trainer reads (config data.dir).")
-flags.DEFINE_list("sources", ["wa150", "a150"], "Outputs to write: wa150, a150_seg, a150.")
+        label_dir = convert.require_dir(
+            os.path.join(root, "annotations", subdir),
+            f"ADE20K needs annotations/{subdir}/ under {root}",
+        )
+        listed[split] = convert.list_pairs(split, image_dir, label_dir, ".png")
+    train, train_rejects = listed["train"]
+    val, val_rejects = listed["validation"]
+    return [
+        convert.SourceJob(
+            "wa150",
+            {"train": train},
+            make_example,
+            listing_rejects=train_rejects,
+            aliases=(("a150_seg", "seg"),),
+        ),
+        convert.SourceJob("a150", {"validation": val}, make_example, listing_rejects=val_rejects),
+    ]
 
 
 def main(argv):
     del argv
-    convert(FLAGS.ade_dir, FLAGS.data_dir, FLAGS.sources)
+    cli.run_converter(jobs)
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["ade_dir", "data_dir"])
+    cli.define_src_flag("the ADEChallengeData2016 folder (images/, annotations/)")
     app.run(main)

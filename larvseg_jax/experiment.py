@@ -155,6 +155,16 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         not cfg.ca.single_image or (cfg.ca.memory_size == 1 and cfg.ca.warm_up == 0),
         "ca.single_image needs ca.memory_size=1 and ca.warm_up=0 (SPEC 2.5)",
     )
+    if cfg.ca.enabled:  # each CA pair enqueues its top-K feature pixels (SPEC 2.4 step 5)
+        patch = vit.VARIANTS[cfg.model.variant]["patch_size"]
+        for name, entry in cfg.data.sources.items():
+            pixels = (entry.crop // patch) ** 2
+            _check(
+                entry.ca_weight == 0 or cfg.ca.topk <= pixels,
+                f"ca.topk={cfg.ca.topk} exceeds the {pixels} feature pixels of a "
+                f"{entry.crop}-px crop of data.sources.{name} (patch {patch}): lower ca.topk "
+                "or raise the crop",
+            )
     _check(cfg.train.total_steps >= 1, "train.total_steps must be >= 1")
     for key in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
         _check(cfg.train[key] >= 1, f"train.{key} must be >= 1")

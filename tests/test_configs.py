@@ -138,6 +138,10 @@ def _with(**changes):
         ({"eval__mode": "tiles"}, r"eval.mode='tiles' is unknown"),
         ({"ca__single_image": True}, r"ca.single_image needs ca.memory_size=1"),
         ({"data__base_from": "c17"}, r"data.base_from: unknown dataset 'c17'"),
+        (
+            {"ca__enabled": True, "ca__topk": 40, "data__sources__syn_single__crop": 48},
+            r"ca.topk=40 exceeds the 36 feature pixels of a 48-px crop of data.sources.syn_single",
+        ),
     ],
 )
 def test_validate_names_the_bad_key(changes, message):
