@@ -19,10 +19,7 @@ import functools
 import itertools
 import json
 import os
-import sys
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TextIO
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +30,7 @@ from jax.experimental import multihost_utils
 
 from larvseg_jax import visualize
 from larvseg_jax.interp import resize_bilinear
+from larvseg_jax.progress import Progress
 from larvseg_jax.vocab import IGNORE
 
 # [1, h, w, 3] -> mask-normed logits [1, h', w', N], computed on the device that holds the images.
@@ -363,74 +361,6 @@ def write_json_atomic(path: str | os.PathLike, payload: Mapping) -> None:
             os.remove(tmp)
 
 
-def _fmt_seconds(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
-
-
-class _Progress:
-    """Evaluation progress with rate and ETA: a one-line bar redrawn in place when the stream is
-    a terminal, else a log line about every 10 % of the images (log files stay short)."""
-
-    WIDTH = 24  # bar characters
-    REDRAW_S = 0.2  # at most five redraws a second
-
-    def __init__(self, step: int, size: int | None, enabled: bool, stream: TextIO | None = None):
-        self.step, self.size, self.enabled = step, size, enabled
-        self.stream = sys.stderr if stream is None else stream
-        self.tty = enabled and bool(getattr(self.stream, "isatty", lambda: False)())
-        self.every = max(1, size // 10) if size else 100
-        self.start, self.done = time.perf_counter(), 0
-        self.drawn_at, self.drawn_done = 0.0, 0
-
-    def _stats(self) -> tuple[float, float, str]:
-        elapsed = time.perf_counter() - self.start
-        rate = self.done / max(elapsed, 1e-9)
-        eta = f", ETA {_fmt_seconds((self.size - self.done) / rate)}" if self.size else ""
-        return elapsed, rate, eta
-
-    def image_done(self) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        if self.tty:
-            now = time.perf_counter()
-            if now - self.drawn_at >= self.REDRAW_S or self.done == self.size:
-                self.drawn_at = now
-                self._draw()
-        elif self.done % self.every == 0:
-            elapsed, rate, eta = self._stats()
-            total = f"/{self.size}" if self.size else ""
-            logging.info(
-                "eval step %d: %d%s images, %.0f s, %.2f img/s%s",
-                self.step,
-                self.done,
-                total,
-                elapsed,
-                rate,
-                eta,
-            )
-
-    def _draw(self) -> None:
-        _, rate, eta = self._stats()
-        if self.size:
-            full = self.WIDTH * self.done // self.size
-            bar = f"[{'#' * full}{'.' * (self.WIDTH - full)}] {self.done}/{self.size}"
-        else:
-            bar = f"{self.done}"
-        self.stream.write(f"\r\033[Keval step {self.step} {bar} images, {rate:.2f} img/s{eta}")
-        self.stream.flush()
-        self.drawn_done = self.done
-
-    def close(self) -> None:
-        """Ends the bar's line so the next log line starts on its own."""
-        if self.tty and self.done:
-            if self.drawn_done != self.done:
-                self._draw()
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def _process_share(dataset: Iterable[Mapping], index: int, count: int) -> Iterable[Mapping]:
     """Images index, index + count, ... of `dataset`: this process's share."""
     if count == 1:
@@ -511,7 +441,8 @@ def run_evaluation(
     colours = visualize.palette(class_names) if palette is None else palette
     panels = []
     share = _process_share(dataset, jax.process_index(), jax.process_count())
-    log = _Progress(step, len(share) if hasattr(share, "__len__") else None, progress)
+    size = len(share) if hasattr(share, "__len__") else None
+    log = Progress(f"eval step {step}", size, enabled=progress)
     pending: collections.deque = collections.deque()
 
     def finish(gt, pred, raw):
@@ -520,7 +451,7 @@ def run_evaluation(
         totals += np.stack(class_histograms(pred, gt, num_classes))
         if raw is not None:
             panels.append(visualize.panel(raw, gt, pred, colours, class_names))
-        log.image_done()
+        log.advance()
 
     for i, example in enumerate(share):
         gt = np.asarray(example["label"])

@@ -1,7 +1,6 @@
 """Evaluation over several devices and processes gives one device's results bit for bit; the
 progress bar, the frequency counts and the bucket config."""
 
-import io
 import json
 import os
 import pathlib
@@ -106,33 +105,6 @@ def test_allgather_keeps_int64_beyond_int32():
     got = evaluate._allgather_int64(x)
     assert got.dtype == np.int64 and got.shape == (1, 2, 2)
     np.testing.assert_array_equal(got[0], x)
-
-
-class Terminal(io.StringIO):
-    def isatty(self):
-        return True
-
-
-def test_progress_bar_on_a_terminal_log_lines_elsewhere(monkeypatch):
-    stream = Terminal()
-    progress = evaluate._Progress(5, 3, True, stream=stream)
-    for _ in range(3):
-        progress.image_done()
-    progress.close()
-    text = stream.getvalue()
-    assert text.startswith("\r") and text.endswith("\n") and text.count("\n") == 1
-    assert "eval step 5 [" in text and "3/3 images" in text and "img/s" in text
-    assert "ETA 0h00m00s" in text
-
-    lines = []
-    monkeypatch.setattr(evaluate.logging, "info", lambda fmt, *args: lines.append(fmt % args))
-    plain = io.StringIO()
-    progress = evaluate._Progress(5, 30, True, stream=plain)
-    for _ in range(30):
-        progress.image_done()
-    progress.close()
-    assert plain.getvalue() == "" and len(lines) == 10
-    assert lines[-1].startswith("eval step 5: 30/30 images") and "ETA" in lines[0]
 
 
 def test_frequency_counts_name_their_source_or_why_not(tmp_path):
