@@ -27,6 +27,28 @@ def test_v1_union_of_a150_and_c171_has_251_names_and_58_shared(fixtures_dir):
     assert "traffic light" in base and "water" in base
 
 
+def test_v1_union_of_a847_and_c171_has_914_names_and_92_shared(fixtures_dir):
+    a847 = list(catalog.class_names("a847"))
+    assert len(a847) == len(set(a847)) == 847
+    c171 = list(catalog.class_names("c171"))
+    assert len(vocab.build_union([a847, c171])) == 914
+    base, novel = vocab.base_novel_split(a847, c171)
+    assert (len(base), len(novel)) == (92, 755)  # "WA847 contains 755 novel categories"
+    assert {"wall", "sky", "scissors", "tie"} <= set(base)
+
+
+def test_imagenet_subsets_name_ade_classes():
+    # I124 names are A150 names and I585 names A847 names (SPEC 5.4): the weak labels land on
+    # the evaluation classes; the 21K model's union with C171 has 10,524 names.
+    assert set(catalog.class_names("i124")) <= set(catalog.class_names("a150"))
+    assert set(catalog.class_names("i585")) <= set(catalog.class_names("a847"))
+    assert (len(catalog.class_names("i124")), len(catalog.class_names("i585"))) == (124, 585)
+    i11k = catalog.class_names("i11k")
+    assert len(i11k) == 11276 and len(set(i11k)) == 10472
+    assert len(vocab.build_union([i11k, catalog.class_names("c171")])) == 10524
+    assert len(set(catalog.read_keys("i11k.txt"))) == 11276  # one synset per class id
+
+
 def test_duplicate_names_share_one_row():
     union = vocab.build_union([["wall", "sky"], ["wall", "wall", "floor"]])
     assert union == ("wall", "sky", "floor")
