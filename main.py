@@ -110,10 +110,19 @@ def main(argv):
         print(f"error: {e}  (LARVSEG_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         sys.exit(1)
     if report:
-        print(
-            f"step {report['step']}: mIoU {report['miou']:.2f}  base {report['miou_base']:.2f}  "
-            f"novel {report['miou_novel']:.2f}  ({report['num_images']} images)"
-        )
+        print(summary_line(report))
+
+
+def summary_line(report: dict) -> str:
+    """The last line of a run: its means (n/a where a mean covers no class)."""
+
+    def pct(key):
+        return "n/a" if report.get(key) is None else f"{report[key]:.2f}"
+
+    return (
+        f"step {report['step']}: mIoU {pct('miou')}  base {pct('miou_base')}  "
+        f"novel {pct('miou_novel')}  hIoU {pct('hiou')}  ({report['num_images']} images)"
+    )
 
 
 def _fail(message: str) -> None:

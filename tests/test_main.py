@@ -218,3 +218,11 @@ def test_library_bugs_keep_their_traceback_user_errors_are_one_line(tmp_path, mo
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: config data.dir is empty") and len(err.splitlines()) == 1
+
+
+def test_summary_line_shows_hiou_and_survives_empty_means():
+    import main
+
+    report = {"step": 8, "miou": 50.0, "miou_base": 80.0, "miou_novel": None, "hiou": None}
+    line = main.summary_line({**report, "num_images": 4})
+    assert line == "step 8: mIoU 50.00  base 80.00  novel n/a  hIoU n/a  (4 images)"
