@@ -85,4 +85,5 @@ def main(argv):
 
 if __name__ == "__main__":
     cli.define_src_flag("the ADEChallengeData2016 folder (images/, annotations/)")
+    cli.flags.adopt_module_key_flags(cli)  # --help lists --src, --out, --workers, --shard-size
     app.run(main)

@@ -120,4 +120,5 @@ def main(argv):
 
 if __name__ == "__main__":
     cli.define_src_flag("the ade20k_full folder (or ADE20K_2021_17_01 after MaskFormer's script)")
+    cli.flags.adopt_module_key_flags(cli)  # --help lists --src, --out, --workers, --shard-size
     app.run(main)

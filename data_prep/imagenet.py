@@ -121,4 +121,5 @@ def main(argv):
 if __name__ == "__main__":
     cli.define_src_flag("the folder of ImageNet-21K synset folders (or its parent)")
     cli.flags.DEFINE_list("subsets", list(SUBSETS), "Subsets to write: i124, i585, i11k.")
+    cli.flags.adopt_module_key_flags(cli)  # --help lists --src, --out, --workers, --shard-size
     app.run(main)

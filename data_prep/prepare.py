@@ -1,7 +1,7 @@
 """Converts every downloaded dataset of the paper in one command (SPEC 5).
 
-    python -m data_prep.prepare --coco /data/coco_stuff164k --ade /data/ADEChallengeData2016 \
-        --ade-full /data/ade20k_full --imagenet /data/imagenet21k --out /data/larvseg
+    python -m data_prep.prepare --out /data/larvseg --coco /data/coco_stuff164k
+        --ade /data/ADEChallengeData2016 --ade-full /data/ade20k_full --imagenet /data/imagenet21k
 
 Runs the converters of the datasets given (any subset of the four), each over all cores with a
 progress line and ETA. Re-running skips what is complete and resumes what was interrupted, shard
@@ -53,4 +53,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    flags.adopt_module_key_flags(cli)  # --help lists --out, --workers, --shard-size
     app.run(main)

@@ -1,8 +1,11 @@
 """data_prep converters on miniatures of each dataset's real layout (tests/data/layouts.py)."""
 
+import functools
 import io
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -228,3 +231,17 @@ def test_read_rgb_converts_modes_and_keeps_rgb_jpegs(tmp_path, fixtures_dir):
     ):
         with pytest.raises(images.Reject, match=reason):
             images.read_rgb(str(fixtures_dir / "bad" / bad))
+
+
+@pytest.mark.parametrize("module", ["coco_stuff", "ade20k", "ade20k_full", "imagenet"])
+def test_command_line_help_and_wrong_src(module, tmp_path):
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    run = functools.partial(
+        subprocess.run, cwd=repo, capture_output=True, text=True, check=False, timeout=120
+    )
+    help_text = run([sys.executable, "-m", f"data_prep.{module}", "--help"]).stdout
+    for flag in ("--src", "--out", "--workers", "--shard-size"):
+        assert flag in help_text
+    bad = run([sys.executable, "-m", f"data_prep.{module}", "--src", str(tmp_path), "--out", "x"])
+    assert bad.returncode == 1
+    assert bad.stderr.count("\n") == 1 and bad.stderr.startswith(f"error: {tmp_path}")
