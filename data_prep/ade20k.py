@@ -56,13 +56,7 @@ def jobs(src: str) -> list[convert.SourceJob]:
     root = find_root(src)
     listed = {}
     for subdir, split in SPLITS.items():
-        image_dir = convert.require_dir(
-            os.path.join(root, "images", subdir), f"ADE20K needs images/{subdir}/ under {root}"
-        )
-        label_dir = convert.require_dir(
-            os.path.join(root, "annotations", subdir),
-            f"ADE20K needs annotations/{subdir}/ under {root}",
-        )
+        image_dir, label_dir = convert.mmseg_dirs(root, subdir, "ADE20K")
         listed[split] = convert.list_pairs(split, image_dir, label_dir, ".png")
     train, train_rejects = listed["train"]
     val, val_rejects = listed["validation"]

@@ -94,22 +94,19 @@ def jobs(src: str) -> list[convert.SourceJob]:
             notes=notes,
             aliases=(("a847_seg", "seg"),),
         ),
+    ] + [
         convert.SourceJob(
-            "a847",
+            name,
             {"validation": val},
-            functools.partial(make_example, subset="a847"),
+            functools.partial(make_example, subset=name),
             label_dtype="uint16",
             listing_rejects=val_rejects,
-            notes=notes,
-        ),
-        convert.SourceJob(
-            "a585",
-            {"validation": val},
-            functools.partial(make_example, subset="a585"),
-            label_dtype="uint16",
-            listing_rejects=val_rejects,
-            notes=notes + ["labels: the 585 ImageNet-585 classes, every other class ignored"],
-        ),
+            notes=notes + extra,
+        )
+        for name, extra in (
+            ("a847", []),
+            ("a585", ["labels: the 585 ImageNet-585 classes, every other class ignored"]),
+        )
     ]
 
 

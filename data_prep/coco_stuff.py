@@ -72,13 +72,7 @@ def jobs(src: str) -> list[convert.SourceJob]:
         )
     splits, rejects, encodings = {}, [], set()
     for subdir, split in SPLITS.items():
-        image_dir = convert.require_dir(
-            os.path.join(root, "images", subdir), f"COCO-Stuff needs images/{subdir}/ under {root}"
-        )
-        label_dir = convert.require_dir(
-            os.path.join(root, "annotations", subdir),
-            f"COCO-Stuff needs annotations/{subdir}/ (the stuffthingmaps) under {root}",
-        )
+        image_dir, label_dir = convert.mmseg_dirs(root, subdir, "COCO-Stuff")
         encoding = label_encoding(label_dir)
         encodings.add(encoding)
         suffix = TRAIN_IDS_SUFFIX if encoding == "train_ids" else ".png"

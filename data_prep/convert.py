@@ -415,6 +415,16 @@ def require_dir(path: str, what: str) -> str:
     return path
 
 
+def mmseg_dirs(root: str, subdir: str, dataset: str) -> tuple[str, str]:
+    """root/images/<subdir> and root/annotations/<subdir> (the mmseg layout), both required."""
+    return tuple(
+        require_dir(
+            os.path.join(root, top, subdir), f"{dataset} needs {top}/{subdir}/ under {root}"
+        )
+        for top in ("images", "annotations")
+    )
+
+
 def list_pairs(
     split: str, image_dir: str, label_dir: str, label_suffix: str
 ) -> tuple[list[Item], list[tuple[str, Reject]]]:
