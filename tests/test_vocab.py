@@ -94,3 +94,13 @@ def test_sample_classes_with_small_vocabulary_takes_all():
 
     positions, valid = vocab.sample_classes(jax.random.PRNGKey(0), jnp.zeros(7, bool), 100, 7)
     assert sorted(np.asarray(positions).tolist()) == list(range(7)) and bool(valid.all())
+
+
+def test_c171_coco_ids_match_mask2former(fixtures_dir):
+    import json
+
+    categories = json.loads(
+        (fixtures_dir / "classes" / "cocostuff_171_mask2former.json").read_text()
+    )
+    assert [str(c["id"]) for c in categories] == list(catalog.read_keys("c171.txt"))
+    assert [c["name"] for c in categories] == list(catalog.read_names("c171.txt"))
