@@ -39,7 +39,13 @@ def _open(path: str, what: str) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()  # decodes every byte: truncated data raises here, not in training
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        OSError,
+        SyntaxError,
+        ValueError,
+    ) as e:
         raise Reject(f"unreadable {what}", path, f"{type(e).__name__}: {e}") from e
     return image
 
