@@ -151,6 +151,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.train.checkpoint_every_steps = 500
     cfg.train.eval_every_steps = 1500  # also evaluates at the end
     cfg.train.max_checkpoints = 2
+    # A step whose loss or gradients are NaN/inf leaves params, optimizer and bank unchanged;
+    # "stop" then ends the run at the next log line naming the step, source and loss term,
+    # "skip" goes on and counts such steps (train/skipped_steps in TensorBoard).
+    cfg.train.nonfinite = "stop"
 
     # ---- evaluation (SPEC 7) ----
     cfg.eval = ml_collections.ConfigDict()

@@ -44,6 +44,7 @@ class LoopSettings:
     checkpoint_every_steps: int
     eval_every_steps: int
     max_checkpoints: int
+    nonfinite: str  # "stop" | "skip": what a step with a NaN/inf loss or gradient does
     max_labels: int  # named in the warning about labels the CA pair lists could not hold
     pretrained: str  # AugReg .npz for the backbone, "" = random init
     pos_grid: tuple[int, int]
@@ -133,6 +134,9 @@ def _validate_sources(cfg: ml_collections.ConfigDict) -> None:
     )
 
 
+NONFINITE_POLICIES = ("stop", "skip")
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Checks every value the run depends on; a ConfigError names the first bad key."""
     _one_of(cfg.model.variant, tuple(vit.VARIANTS), "model.variant")
@@ -166,6 +170,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                 "or raise the crop",
             )
     _check(cfg.train.total_steps >= 1, "train.total_steps must be >= 1")
+    _one_of(cfg.train.nonfinite, NONFINITE_POLICIES, "train.nonfinite")
     for key in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
         _check(cfg.train[key] >= 1, f"train.{key} must be >= 1")
     _one_of(cfg.eval.mode, EVAL_MODES, "eval.mode")
@@ -294,6 +299,7 @@ def loop_settings(cfg: ml_collections.ConfigDict) -> LoopSettings:
         checkpoint_every_steps=cfg.train.checkpoint_every_steps,
         eval_every_steps=cfg.train.eval_every_steps,
         max_checkpoints=cfg.train.max_checkpoints,
+        nonfinite=cfg.train.nonfinite,
         max_labels=cfg.data.max_labels,
         pretrained=cfg.model.pretrained,
         pos_grid=tuple(cfg.model.pos_grid),

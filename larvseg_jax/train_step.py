@@ -234,6 +234,11 @@ def _device_loss(params, batch, banks, rng, *, model, settings, groups_per_devic
     return total / settings.num_groups, (sums, group_losses, writes)
 
 
+def _all_finite(tree) -> jax.Array:
+    """True when every float of the tree is finite."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
 def metric_names(settings: StepSettings) -> list[str]:
     """Names of the scalar metrics `train_step` returns (besides "group_loss")."""
     names = ["loss", "lr"]
@@ -264,8 +269,9 @@ def train_step(
     Returns:
       the new state and metrics: "loss" (the step objective), "loss_<source>" and
       "aux_<source>" (mean unweighted basic / CA loss over that source's groups),
-      "unvisited_labels_<source>" (labels past max_labels in the step: no CA pair), "lr" and
-      "group_loss" [G] (weighted loss per group).
+      "unvisited_labels_<source>" (labels past max_labels in the step: no CA pair), "lr",
+      "group_loss" [G] (weighted loss per group), "finite" (False: loss or gradients had a NaN
+      or inf and the state was left unchanged), "grads_finite" and "step" (this step's index).
     """
     groups_per_device = groups.groups_per_device(settings.num_groups, mesh.devices.size)
     step_rng = jax.random.fold_in(state.rng, state.step)
@@ -280,12 +286,17 @@ def train_step(
         (loss, (sums, group_losses, writes)), grads = jax.value_and_grad(fn, has_aux=True)(
             params, local_batch, view, rng
         )
-        if banks is not None:
-            banks = jax.vmap(ca_classifier.enqueue)(banks, writes)
-        return jax.lax.psum((loss, sums, grads), DATA), group_losses, banks
+        loss, sums, grads = jax.lax.psum((loss, sums, grads), DATA)
+        grads_finite = _all_finite(grads)
+        finite = jnp.isfinite(loss) & grads_finite
+        if banks is not None:  # a non-finite step writes nothing (its features may be NaN)
+            banks = jax.lax.cond(
+                finite, jax.vmap(ca_classifier.enqueue), lambda b, _: b, banks, writes
+            )
+        return (loss, sums, grads, finite, grads_finite), group_losses, banks
 
     # check_vma=False: gradients stay per-device until the explicit psum (no implicit reduction).
-    (loss, sums, grads), group_losses, bank = jax.shard_map(
+    (loss, sums, grads, finite, grads_finite), group_losses, bank = jax.shard_map(
         per_device,
         mesh=mesh,
         in_specs=(P(), P(DATA), P(DATA), P()),
@@ -294,7 +305,22 @@ def train_step(
     )(state.params, batch, state.bank, step_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "lr": schedule(state.step), "group_loss": group_losses}
+    # A non-finite loss or gradient leaves params, optimizer and bank as they were; the step
+    # counter (and the data) moves on. The host learns of it from the metrics at the next log
+    # window (no extra sync per step) and stops or counts it (train.nonfinite).
+    params, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        (params, opt_state),
+        (state.params, state.opt_state),
+    )
+    metrics = {
+        "loss": loss,
+        "lr": schedule(state.step),
+        "group_loss": group_losses,
+        "finite": finite,
+        "grads_finite": grads_finite,
+        "step": state.step,
+    }
     for s, spec in enumerate(settings.sources):
         count = jnp.maximum(sums["count"][s], 1)
         metrics[f"loss_{spec.name}"] = sums["basic_sum"][s] / count

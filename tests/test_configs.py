@@ -72,7 +72,7 @@ def test_config_builds_model_and_step_abstractly(name):
     new_state, metrics = jax.eval_shape(step, state, batch)
     assert jax.tree.map(lambda x: x.shape, new_state) == jax.tree.map(lambda x: x.shape, state)
     assert metrics["group_loss"].shape == (g,)
-    assert set(metrics) == {"group_loss", *metric_names(settings)}
+    assert set(metrics) == {"group_loss", "finite", "grads_finite", "step", *metric_names(settings)}
 
 
 def init_fn(model, tx, settings):
@@ -136,6 +136,7 @@ def _with(**changes):
         ({"data__sources__syn_seg__ratio": 0}, r"data.sources.syn_seg.ratio=0 must be >= 1"),
         ({"loss__seg_normalize": "mean"}, r"loss.seg_normalize='mean' is unknown"),
         ({"eval__mode": "tiles"}, r"eval.mode='tiles' is unknown"),
+        ({"train__nonfinite": "ignore"}, r"train.nonfinite='ignore' is unknown; use one of stop"),
         ({"ca__single_image": True}, r"ca.single_image needs ca.memory_size=1"),
         ({"data__base_from": "c17"}, r"data.base_from: unknown dataset 'c17'"),
         (
