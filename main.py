@@ -99,9 +99,14 @@ def main(argv):
             report = train.train_and_evaluate(
                 FLAGS.config, FLAGS.workdir, do_eval=FLAGS.mode == "train_and_eval"
             )
+    except train.Interrupted as e:
+        print(e.message(), file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt:
         print(
-            "interrupted: a checkpoint was saved; run the same command to resume", file=sys.stderr
+            "interrupted before training started (setup, data generation, restore): nothing "
+            "was saved",
+            file=sys.stderr,
         )
         sys.exit(130)
     except UserError as e:

@@ -492,13 +492,42 @@ def _train_loop(setup, state, data_iter, ckpt, writer, *, do_eval, stop_at) -> d
                 ckpt.save(step, state, data_iter, meta, force=True)
             if do_eval and (step % loop.eval_every_steps == 0 or step == loop.total_steps):
                 report = run_eval(setup, state, step, writer)
-    except KeyboardInterrupt:
-        logging.warning("interrupted at step %d: saving a checkpoint before exiting", step)
+    except KeyboardInterrupt as interrupt:
         if step > start_step:
+            logging.warning("interrupted at step %d: saving a checkpoint before exiting", step)
             ckpt.save(step, state, data_iter, meta, force=True)
         ckpt.wait()
-        raise
+        raise Interrupted(step, wrote=step > start_step, latest=ckpt.latest_step()) from interrupt
     return report
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during training, with what was saved (so the message is true).
+
+    Attributes:
+      step: the step reached.
+      wrote: a checkpoint of `step` was written on the way out.
+      latest: the latest checkpoint on disk (None: there is none).
+    """
+
+    def __init__(self, step: int, *, wrote: bool, latest: int | None):
+        super().__init__(step)
+        self.step, self.wrote, self.latest = step, wrote, latest
+
+    def message(self) -> str:
+        if self.wrote:
+            return (
+                f"interrupted at step {self.step}: checkpoint saved; run the same command to resume"
+            )
+        if self.latest is not None:
+            return (
+                f"interrupted at step {self.step} before another step finished: nothing new "
+                f"saved; the same command resumes from the checkpoint of step {self.latest}"
+            )
+        return (
+            f"interrupted at step {self.step} before the first step finished: nothing was "
+            "saved; the same command starts again"
+        )
 
 
 def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
