@@ -48,8 +48,14 @@ class Checkpointer:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
         return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-    def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
-        """Restores the state onto `abstract_state`'s shardings; moves `data_iter` in place."""
+    def restore(
+        self, step: int, abstract_state: Any, data_iter: Any = None, config: dict | None = None
+    ) -> Any:
+        """Restores the state onto `abstract_state`'s shardings; moves `data_iter` in place.
+
+        `config` (the run's config as JSON) lets a mismatch name the config keys that differ
+        from the ones the checkpoint was written with.
+        """
         if step not in self._manager.all_steps():
             raise MissingError(
                 f"no checkpoint for step {step} in {self.directory}; available: {self.all_steps()}"
@@ -63,12 +69,29 @@ class Checkpointer:
             detail = _mismatch(str(e))
             if detail is None:
                 raise
+            changed = self._config_changes(step, config)
             raise CheckpointError(
                 f"checkpoint {self.directory}/{step} does not fit this config's train state "
-                f"({detail}): resume with the config it was written with (its meta holds it) "
-                "or use a fresh --workdir"
+                f"({changed or detail}): resume with the config it was written with (its meta "
+                "holds it) or use a fresh --workdir"
             ) from None
         return restored["state"]
+
+    def _config_changes(self, step: int, config: dict | None) -> str:
+        """ "model.variant 'micro' -> 'tiny', ..." between the checkpoint's config and `config`."""
+        if config is None:
+            return ""
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, FileNotFoundError):
+            return ""
+        changes = config_changes(meta["meta"].get("config", {}), config)
+        changes = [c for c in changes if c[0].startswith(STATE_KEYS)] or changes
+        if not changes:
+            return ""
+        shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changes[:4])
+        more = f" and {len(changes) - 4} more" if len(changes) > 4 else ""
+        return f"written with other settings: {shown}{more}"
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -86,6 +109,35 @@ def _mismatch(message: str) -> str | None:
     if "not compatible with the stored shape" in lines[0]:
         return lines[0].split(". ")[0]
     return None
+
+
+STATE_KEYS = (
+    "model.",
+    "ca.",
+    "data.sources",
+    "data.num_groups",
+    "data.eval_source",
+    "data.base_from",
+)
+
+
+def config_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every leaf that differs; keys that shape the train
+    state (model, CA, sources, vocabulary) first."""
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(old), flat(new)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    keys.sort(key=lambda k: not k.startswith(STATE_KEYS))
+    return [(k, a.get(k), b.get(k)) for k in keys]
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

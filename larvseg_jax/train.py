@@ -451,7 +451,7 @@ def train_and_evaluate(
     data_iter = make_train_iterator(setup)
     if latest is not None:
         logging.info("resuming from %s/%d", ckpt.directory, latest)
-        state = ckpt.restore(latest, setup.abstract_state, data_iter)
+        state = ckpt.restore(latest, setup.abstract_state, data_iter, setup.config_json)
     else:
         state = initial_state(setup)
     writer = open_writer(workdir)
@@ -540,7 +540,7 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         raise MissingError(
             f"no checkpoint in {ckpt.directory}: train first (--mode train) or fix --workdir"
         )
-    state = ckpt.restore(step, setup.abstract_state)
+    state = ckpt.restore(step, setup.abstract_state, config=setup.config_json)
     writer = open_writer(workdir)
     try:
         return run_eval(setup, state, step, writer)

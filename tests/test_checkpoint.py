@@ -43,3 +43,26 @@ def test_mismatched_checkpoint_is_a_one_line_error(tmp_path, target, detail):
     assert jax.tree.structure(restored) == jax.tree.structure(SAVED)
     jax.tree.map(np.testing.assert_array_equal, restored, SAVED)
     ckpt.close()
+
+
+def test_mismatch_names_the_config_keys_that_shape_the_state(tmp_path):
+    ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=1, save_every_steps=1)
+    written = {"model": {"variant": "micro"}, "ca": {"enabled": False}, "train": {"total_steps": 6}}
+    ckpt.save(1, SAVED, meta={"config": written}, force=True)
+    ckpt.wait()
+    now = {"model": {"variant": "tiny"}, "ca": {"enabled": True}, "train": {"total_steps": 9}}
+    with pytest.raises(ValueError, match="does not fit") as err:
+        ckpt.restore(1, abstract({"params": jnp.ones(3)}), config=now)
+    assert err.match(
+        r"written with other settings: ca.enabled False -> True, model.variant 'micro' -> 'tiny'\)"
+    )  # the state-shaping keys only: train.total_steps does not change the state
+    ckpt.close()
+
+
+def test_config_changes_put_state_keys_first():
+    old = {"train": {"total_steps": 1}, "model": {"variant": "a"}, "data": {"dir": "x"}}
+    new = {"train": {"total_steps": 2}, "model": {"variant": "b"}, "data": {"dir": "x"}}
+    assert checkpoint.config_changes(old, new) == [
+        ("model.variant", "a", "b"),
+        ("train.total_steps", 1, 2),
+    ]
