@@ -6,6 +6,7 @@ carries the current mesh's shardings, so a checkpoint written on 8 devices resto
 """
 
 import os
+import shutil
 from typing import Any
 
 import grain
@@ -13,6 +14,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from larvseg_jax.errors import CheckpointError, MissingError
+
+FREE_SPACE_MARGIN = 1.1  # the state's bytes plus room for the metadata and the data position
 
 
 class Checkpointer:
@@ -42,11 +45,27 @@ class Checkpointer:
         meta: dict | None = None,
         force: bool = False,
     ) -> bool:
-        """Starts an async save if the step is due (or `force`); returns whether it saved."""
+        """Starts an async save if the step is due (or `force`); returns whether it saved.
+
+        Free space is checked first: a full disk stops the run with one line before anything
+        is written, instead of a half-written checkpoint and an I/O traceback.
+        """
+        if force or self._manager.should_save(step):
+            self._check_free_space(step, state)
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
         return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def _check_free_space(self, step: int, state: Any) -> None:
+        needed = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))
+        free = shutil.disk_usage(self.directory).free
+        if free < needed * FREE_SPACE_MARGIN:
+            raise CheckpointError(
+                f"not enough free space for the checkpoint of step {step} in {self.directory}: "
+                f"it needs about {needed / 1e9:.2f} GB and {free / 1e9:.2f} GB are free; free "
+                "some space or use a --workdir on a bigger disk"
+            )
 
     def restore(
         self, step: int, abstract_state: Any, data_iter: Any = None, config: dict | None = None

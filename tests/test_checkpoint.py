@@ -1,5 +1,7 @@
 """A checkpoint that does not fit the config's train state fails in one line that says why."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,3 +68,20 @@ def test_config_changes_put_state_keys_first():
         ("model.variant", "a", "b"),
         ("train.total_steps", 1, 2),
     ]
+
+
+def test_a_full_disk_is_one_line_before_anything_is_written(tmp_path, monkeypatch):
+    ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=1, save_every_steps=1)
+    usage = checkpoint.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(
+        checkpoint.shutil,
+        "disk_usage",
+        lambda path: usage._replace(free=20),  # bytes
+    )
+    with pytest.raises(ValueError, match=r"not enough free space for the checkpoint of step 1"):
+        ckpt.save(1, SAVED, force=True)  # 36 bytes of state, 20 free
+    ckpt.wait()
+    assert ckpt.all_steps() == [] and os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    assert ckpt.save(1, SAVED, force=True)
+    ckpt.close()
