@@ -211,6 +211,11 @@ def prepare_data(cfg: ml_collections.ConfigDict) -> str:
             "config data.dir is empty: point it at the folder that holds larvseg_records/ "
             "(written by data_prep/)"
         )
+    if not os.path.isdir(cfg.data.dir):
+        raise MissingError(
+            f"config data.dir={cfg.data.dir!r} does not exist: point it at the folder that "
+            "holds larvseg_records/ (python -m data_prep.prepare --out DIR writes it)"
+        )
     return cfg.data.dir
 
 

@@ -226,3 +226,18 @@ def test_summary_line_shows_hiou_and_survives_empty_means():
     report = {"step": 8, "miou": 50.0, "miou_base": 80.0, "miou_novel": None, "hiou": None}
     line = main.summary_line({**report, "num_images": 4})
     assert line == "step 8: mIoU 50.00  base 80.00  novel n/a  hIoU n/a  (4 images)"
+
+
+def test_missing_data_dir_and_missing_checkpoint_are_one_line_errors(tmp_path):
+    proc = run_main(
+        "--workdir",
+        str(tmp_path / "run"),
+        f"--config.data.dir={tmp_path / 'nowhere'}",
+        config="configs/baseline_c171_wa150.py",
+        check=False,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"data.dir='{tmp_path / 'nowhere'}' does not exist" in proc.stderr
+    proc = run_main("--workdir", str(tmp_path / "fresh"), "--mode", "eval", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "no checkpoint in" in proc.stderr and "train first" in proc.stderr
