@@ -5,6 +5,7 @@ weights named by the config > random init. Restores always go through an abstrac
 carries the current mesh's shardings, so a checkpoint written on 8 devices restores on 1.
 """
 
+import asyncio
 import os
 import shutil
 from typing import Any
@@ -14,6 +15,29 @@ import jax
 import orbax.checkpoint as ocp
 
 from larvseg_jax.errors import CheckpointError, MissingError
+
+# Test hook (tests/test_faults.py): "<step>" makes the save of that step write everything, then
+# wait before its atomic rename, so a test can SIGKILL the process in the middle of an async save
+# deterministically. Never set in normal use.
+PAUSE_BEFORE_COMMIT_ENV = "LARVSEG_TEST_PAUSE_BEFORE_COMMIT"
+
+
+def _install_commit_pause(step: str) -> None:
+    from orbax.checkpoint._src.path import atomicity
+
+    original = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def finalize(self):
+        if self._final_path.name == step:
+            print(f"LARVSEG_TEST: save of step {step} paused before its commit", flush=True)
+            await asyncio.sleep(3600)
+        return await original(self)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize
+
+
+if os.environ.get(PAUSE_BEFORE_COMMIT_ENV):
+    _install_commit_pause(os.environ[PAUSE_BEFORE_COMMIT_ENV])
 
 FREE_SPACE_MARGIN = 1.1  # the state's bytes plus room for the metadata and the data position
 
