@@ -10,6 +10,12 @@ os.environ["XLA_FLAGS"] = (
 
 # Generated synthetic worlds are cached per knobs; tests share one cache, never ~/.cache.
 os.environ.setdefault("LARVSEG_CACHE", tempfile.mkdtemp(prefix="larvseg_test_cache_"))
+# Many tests (and their subprocesses, which inherit these) compile the same programs: XLA's
+# persistent cache compiles each once per session. Identical programs give identical results.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["LARVSEG_CACHE"], "xla_cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax
 import pytest
