@@ -30,6 +30,7 @@ from larvseg_jax.data import catalog, pipeline, sources
 from larvseg_jax.errors import MissingError, NonFiniteError
 from larvseg_jax.experiment import Setup
 from larvseg_jax.models import pretrained
+from larvseg_jax.progress import format_seconds
 from larvseg_jax.train_step import TrainState, metric_names, train_step
 
 
@@ -350,7 +351,7 @@ class LogWindow:
             terms,
             means["lr"],
             rate,
-            _fmt_eta(eta),
+            format_seconds(eta),
         )
         scalars = {f"train/{k}": v for k, v in means.items()}
         scalars["train/images_per_sec"] = rate
@@ -547,8 +548,3 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     finally:
         writer.close()
         ckpt.close()
-
-
-def _fmt_eta(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
