@@ -36,7 +36,7 @@ def make_example(item: convert.Item) -> dict:
     return {
         "image": image,
         "image_id": item.image_id,
-        "label": images.png_bytes(reduce_zero_label(label)),
+        "label": reduce_zero_label(label),
         "note": note,
     }
 

@@ -36,6 +36,7 @@ LAYOUTS = {
 }
 
 
+@functools.cache  # built once per process, not per image
 def _valid() -> np.ndarray:
     valid = np.zeros(IGNORE + 1, bool)
     valid[:847] = True
@@ -43,6 +44,7 @@ def _valid() -> np.ndarray:
     return valid
 
 
+@functools.cache  # built once per process, not per image
 def a847_to_a585() -> np.ndarray:
     """uint16 [65536] lookup: A847 id -> position in the I585 list, every other value ignore."""
     a847 = {name: i for i, name in enumerate(catalog.class_names("a847"))}

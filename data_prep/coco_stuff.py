@@ -27,6 +27,7 @@ SPLITS = {"train2017": "train", "val2017": "validation"}
 TRAIN_IDS_SUFFIX = "_labelTrainIds.png"
 
 
+@functools.cache  # built once per process, not per image
 def raw_to_train_ids() -> np.ndarray:
     """uint8 [256] lookup: stuffthingmap value (COCO id - 1) -> train id, else 255."""
     lut = np.full(256, 255, np.uint8)
@@ -35,6 +36,7 @@ def raw_to_train_ids() -> np.ndarray:
     return lut
 
 
+@functools.cache  # built once per process, not per image
 def _valid(encoding: str) -> np.ndarray:
     valid = np.zeros(256, bool)
     valid[: 182 if encoding == "raw" else 171] = True
@@ -51,7 +53,7 @@ def make_example(item: convert.Item, encoding: str) -> dict:
     return {
         "image": image,
         "image_id": item.image_id,
-        "label": images.png_bytes(label),
+        "label": label.astype(np.uint8),
         "note": note,
     }
 

@@ -29,6 +29,7 @@ from data_prep import images
 from data_prep.images import Reject
 from larvseg_jax.data import catalog, sources
 from larvseg_jax.errors import MissingError
+from larvseg_jax.jsonfile import write_json_atomic
 from larvseg_jax.progress import Progress, format_seconds
 
 STATE_DIR = ".conversion"  # inside the source folder: plan and per-shard done-files
@@ -148,13 +149,12 @@ def _done_path(directory: str, split: str, index: int) -> str:
 def write_shard(task: _ShardTask) -> dict:
     """Converts the items of one shard; returns (and records on disk) its counts and rejects."""
     features = sources.features_for(task.kind, task.label_dtype, task.image_format)
-    ignore = (255,) if task.label_dtype == "uint8" else (65535,)
     writer = sources.ShardWriter(
         sources.shard_path(task.directory, task.split, task.index, task.count),
         features,
         kind=task.kind,
         num_classes=task.num_classes,
-        ignore_codes=ignore,
+        ignore_codes=sources.default_ignore_codes(task.label_dtype),
     )
     rejects, notes = [], collections.Counter()
     try:
@@ -179,15 +179,8 @@ def write_shard(task: _ShardTask) -> dict:
         "rejects": rejects,
         "conversions": dict(notes),
     }
-    _write_json(_done_path(task.directory, task.split, task.index), done)
+    write_json_atomic(_done_path(task.directory, task.split, task.index), done)
     return done
-
-
-def _write_json(path: str, payload: Any) -> None:
-    tmp = f"{path}.partial"
-    with open(tmp, "w") as f:
-        json.dump(payload, f)
-    os.replace(tmp, path)
 
 
 # ---- driver side -------------------------------------------------------------------------
@@ -231,7 +224,7 @@ def _prepare_directory(directory: str, plan: dict) -> None:
     for name in os.listdir(directory):  # a shard cut short by an interruption
         if name.endswith(".partial"):
             os.remove(os.path.join(directory, name))
-    _write_json(plan_path, plan)
+    write_json_atomic(plan_path, plan)
 
 
 def _shard_tasks(job: SourceJob, directory: str, shard_size: int) -> list[_ShardTask]:

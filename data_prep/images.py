@@ -117,10 +117,3 @@ def check_label(
             path,
             f"values {bad[:8].tolist()} are neither class ids nor ignore codes",
         )
-
-
-def png_bytes(label: np.ndarray) -> bytes:
-    """uint8 [H, W] -> PNG bytes (the record format of 8-bit label maps)."""
-    buf = io.BytesIO()
-    Image.fromarray(label.astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()

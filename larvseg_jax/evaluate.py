@@ -17,7 +17,6 @@ exactly before the report; the result is bit-identical to one device's.
 import collections
 import functools
 import itertools
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -30,6 +29,7 @@ from jax.experimental import multihost_utils
 
 from larvseg_jax import visualize
 from larvseg_jax.interp import resize_bilinear
+from larvseg_jax.jsonfile import write_json_atomic
 from larvseg_jax.progress import Progress
 from larvseg_jax.vocab import IGNORE
 
@@ -347,18 +347,6 @@ def miou_report(
         "num_base": len(base_names),
         "num_novel": len(novel_names),
     }
-
-
-def write_json_atomic(path: str | os.PathLike, payload: Mapping) -> None:
-    """Writes JSON to a temporary sibling, then renames it: readers never see a partial file."""
-    tmp = f"{os.fspath(path)}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1, allow_nan=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _process_share(dataset: Iterable[Mapping], index: int, count: int) -> Iterable[Mapping]:

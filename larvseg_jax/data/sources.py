@@ -35,6 +35,7 @@ from PIL import Image
 
 from larvseg_jax.data import catalog
 from larvseg_jax.errors import DataError, MissingError
+from larvseg_jax.jsonfile import write_json_atomic
 
 ROOT = "larvseg_records"  # builder name: every source lives under <data_dir>/larvseg_records/
 VERSION = "1.0.0"
@@ -161,6 +162,11 @@ def features_for(kind: str, label_dtype: str = "uint8", image_format: str = "png
     return tfds.features.FeaturesDict(feats)
 
 
+def default_ignore_codes(label_dtype: str) -> tuple[int, ...]:
+    """The stored value meaning "unlabelled": 255 for uint8 labels, 65535 for uint16."""
+    return (255,) if label_dtype == "uint8" else (65535,)
+
+
 def shard_path(directory: str, split: str, index: int, count: int) -> str:
     """The file of shard `index` of `count` (tfds's default template, so tfds can read it)."""
     return os.path.join(directory, f"{ROOT}-{split}.array_record-{index:05d}-of-{count:05d}")
@@ -180,8 +186,8 @@ def present_classes(example: Mapping[str, Any], kind: str, ignore_codes: Sequenc
 class ShardWriter:
     """Writes one ArrayRecord shard; the file appears under its final name only when complete.
 
-    Examples are in the `write_source` format; the writer counts, per class, the records that
-    carry it (the frequency buckets of evaluation read these counts).
+    Examples are in the `write_source` format (a uint8 label may also be a numpy [H, W] array,
+    which the writer encodes as PNG); the writer counts, per class, the records that carry it (the frequency buckets of evaluation read these counts).
     """
 
     def __init__(self, path: str, features, *, kind: str, num_classes: int, ignore_codes):
@@ -199,7 +205,14 @@ class ShardWriter:
                 f"record {example['image_id']!r}: class ids {present.tolist()} outside "
                 f"0..{len(self.counts) - 1}"
             )
-        self._writer.write(self.features.serialize_example(dict(example)))
+        example = dict(example)
+        label = example.get("label")
+        if isinstance(label, np.ndarray) and label.dtype == np.uint8:
+            # Counted from the array above, encoded here once (tfds encodes arrays only with TF).
+            buf = io.BytesIO()
+            Image.fromarray(label.reshape(label.shape[:2])).save(buf, format="PNG")
+            example["label"] = buf.getvalue()
+        self._writer.write(self.features.serialize_example(example))
         self.counts[present] += 1
         self.num_records += 1
 
@@ -230,7 +243,7 @@ def finalize_source(
     metadata.json is written last (atomically): its presence marks the source complete.
     """
     if ignore_codes is None:
-        ignore_codes = (255,) if label_dtype == "uint8" else (65535,)
+        ignore_codes = default_ignore_codes(label_dtype)
     template = tfds.core.ShardedFileTemplate(
         data_dir=directory, dataset_name=ROOT, filetype_suffix="array_record"
     )
@@ -255,10 +268,7 @@ def finalize_source(
         "class_image_counts": {k: [int(c) for c in v] for k, v in class_image_counts.items()},
         **(extra_metadata or {}),
     }
-    tmp = os.path.join(directory, "metadata.json.partial")
-    with open(tmp, "w") as f:
-        json.dump(metadata, f, indent=1)
-    os.replace(tmp, os.path.join(directory, "metadata.json"))
+    write_json_atomic(os.path.join(directory, "metadata.json"), metadata)
 
 
 def write_source(
@@ -291,7 +301,7 @@ def write_source(
       The written directory.
     """
     if ignore_codes is None:
-        ignore_codes = (255,) if label_dtype == "uint8" else (65535,)
+        ignore_codes = default_ignore_codes(label_dtype)
     directory = source_dir(data_dir, name)
     if os.path.exists(directory):
         shutil.rmtree(directory)
