@@ -5,7 +5,6 @@ import difflib
 import importlib.util
 import os
 import pathlib
-import signal
 import sys
 
 from absl import app, flags, logging
@@ -63,10 +62,6 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # a preemption (SIGTERM) saves a checkpoint like Ctrl-C
-
-
 # Benign library lines printed on every run; one clean line per event is the goal.
 BENIGN = (
     "Unable to initialize backend 'tpu'",  # jax probing for a TPU on a CPU/GPU machine
@@ -86,12 +81,12 @@ def _quiet_libraries(record) -> bool:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from larvseg_jax import train  # after flag parsing: jax reads XLA_FLAGS at import
+    from larvseg_jax import interrupts, train  # after flag parsing: jax reads XLA_FLAGS
     from larvseg_jax.errors import UserError
 
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_quiet_libraries)
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupts.install()  # Ctrl-C and SIGTERM (preemption) stop at the next safe point
     try:
         if FLAGS.mode == "eval":
             report = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
@@ -101,14 +96,7 @@ def main(argv):
             )
     except train.Interrupted as e:
         print(e.message(), file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        print(
-            "interrupted before training started (setup, data generation, restore): nothing "
-            "was saved",
-            file=sys.stderr,
-        )
-        sys.exit(130)
+        sys.exit(interrupts.exit_code(e))
     except UserError as e:
         if os.environ.get("LARVSEG_TRACEBACK"):
             raise

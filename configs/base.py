@@ -150,7 +150,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.train.log_every_steps = 100  # progress line + TensorBoard scalars
     cfg.train.checkpoint_every_steps = 500
     cfg.train.eval_every_steps = 1500  # also evaluates at the end
-    cfg.train.max_checkpoints = 2
+    cfg.train.max_checkpoints = 2  # the most recent ones kept
+    cfg.train.keep_checkpoints_every_steps = 0  # also keep these for good (0 = none)
     # A step whose loss or gradients are NaN/inf leaves params, optimizer and bank unchanged;
     # "stop" then ends the run at the next log line naming the step, source and loss term,
     # "skip" goes on and counts such steps (train/skipped_steps in TensorBoard).

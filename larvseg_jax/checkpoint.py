@@ -13,6 +13,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from larvseg_jax.errors import CheckpointError, MissingError
 
@@ -40,20 +41,40 @@ if os.environ.get(PAUSE_BEFORE_COMMIT_ENV):
     _install_commit_pause(os.environ[PAUSE_BEFORE_COMMIT_ENV])
 
 FREE_SPACE_MARGIN = 1.1  # the state's bytes plus room for the metadata and the data position
+FAILURES_IN_A_ROW = 3  # failed saves (I/O errors) tolerated in a row before the run stops
 
 
 class Checkpointer:
-    """Saves (state, data iterator, metadata) under <workdir>/checkpoints/<step>/."""
+    """Saves (state, data iterator, metadata) under <workdir>/checkpoints/<step>/.
 
-    def __init__(self, directory: str, *, max_to_keep: int, save_every_steps: int):
+    A save that fails with an I/O error (a network filesystem hiccup, a quota briefly hit) is
+    reported in one line and training goes on to the next save; FAILURES_IN_A_ROW failures in
+    a row stop the run. Asynchronous writes fail late: their error surfaces when the next save
+    starts or at `wait()`.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        max_to_keep: int,
+        save_every_steps: int,
+        keep_every_steps: int = 0,
+    ):
+        """`keep_every_steps` > 0 keeps every checkpoint whose step is a multiple of it, on top
+        of the `max_to_keep` most recent ones."""
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
+            keep_period=keep_every_steps or None,
             save_interval_steps=save_every_steps,
             enable_async_checkpointing=True,
             create=True,
+            cleanup_tmp_directories=True,  # what a killed run left half-written
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._in_flight: int | None = None  # the step of the async save not yet settled
+        self.failures_in_a_row = 0
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -74,12 +95,52 @@ class Checkpointer:
         Free space is checked first: a full disk stops the run with one line before anything
         is written, instead of a half-written checkpoint and an I/O traceback.
         """
-        if force or self._manager.should_save(step):
-            self._check_free_space(step, state)
+        if not (force or self._manager.should_save(step)):
+            return False
+        self.wait()
+        self._check_free_space(step, state)
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        try:
+            saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except OSError as error:
+            self._failed(step, error)
+            return False
+        self._in_flight = step if saved else None
+        return saved
+
+    def wait(self) -> None:
+        """Waits for the save in flight; reports (or, too many in a row, raises) its failure."""
+        step, self._in_flight = self._in_flight, None
+        try:
+            self._manager.wait_until_finished()
+        except OSError as error:
+            self._failed(step, error)
+            return
+        if step is not None:
+            self.failures_in_a_row = 0
+
+    def _failed(self, step: int | None, error: OSError) -> None:
+        if step is not None and jax.process_index() == 0:  # what it wrote is of no use
+            for name in os.listdir(self.directory):
+                if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        self.failures_in_a_row += 1
+        what = f"the checkpoint of step {step} could not be written to {self.directory} ({error})"
+        if self.failures_in_a_row >= FAILURES_IN_A_ROW:
+            raise CheckpointError(
+                f"{what}; {self.failures_in_a_row} failed saves in a row: check that disk "
+                "(space, quota, mount), then run the same command to resume from the latest "
+                f"checkpoint ({self.latest_step()})"
+            ) from error
+        logging.warning(
+            "%s: training goes on and the next save tries again (%d failed in a row; the run "
+            "stops at %d)",
+            what,
+            self.failures_in_a_row,
+            FAILURES_IN_A_ROW,
+        )
 
     def _check_free_space(self, step: int, state: Any) -> None:
         needed = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))
@@ -135,9 +196,6 @@ class Checkpointer:
         shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changes[:4])
         more = f" and {len(changes) - 4} more" if len(changes) > 4 else ""
         return f"written with other settings: {shown}{more}"
-
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.close()

@@ -27,7 +27,7 @@ from absl import logging
 from jax import lax
 from jax.experimental import multihost_utils
 
-from larvseg_jax import visualize
+from larvseg_jax import interrupts, visualize
 from larvseg_jax.interp import resize_bilinear
 from larvseg_jax.jsonfile import write_json_atomic
 from larvseg_jax.progress import Progress
@@ -442,6 +442,8 @@ def run_evaluation(
         log.advance()
 
     for i, example in enumerate(share):
+        interrupts.test_point("eval")
+        interrupts.check()
         gt = np.asarray(example["label"])
         logits = slide_inference(
             predict_fn,

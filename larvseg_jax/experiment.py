@@ -44,6 +44,7 @@ class LoopSettings:
     checkpoint_every_steps: int
     eval_every_steps: int
     max_checkpoints: int
+    keep_checkpoints_every_steps: int  # 0 = only the max_checkpoints most recent are kept
     nonfinite: str  # "stop" | "skip": what a step with a NaN/inf loss or gradient does
     max_labels: int  # named in the warning about labels the CA pair lists could not hold
     pretrained: str  # AugReg .npz for the backbone, "" = random init
@@ -173,6 +174,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _one_of(cfg.train.nonfinite, NONFINITE_POLICIES, "train.nonfinite")
     for key in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
         _check(cfg.train[key] >= 1, f"train.{key} must be >= 1")
+    _check(cfg.train.max_checkpoints >= 1, "train.max_checkpoints must be >= 1")
+    keep, every = cfg.train.keep_checkpoints_every_steps, cfg.train.checkpoint_every_steps
+    _check(
+        keep >= 0 and keep % every == 0,
+        f"train.keep_checkpoints_every_steps={keep} must be 0 or a multiple of "
+        f"train.checkpoint_every_steps={every} (only saved steps can be kept)",
+    )
     _one_of(cfg.eval.mode, EVAL_MODES, "eval.mode")
     for key in ("short_side", "crop_size", "stride"):
         _check(cfg.eval[key] >= 1, f"eval.{key} must be >= 1")
@@ -304,6 +312,7 @@ def loop_settings(cfg: ml_collections.ConfigDict) -> LoopSettings:
         checkpoint_every_steps=cfg.train.checkpoint_every_steps,
         eval_every_steps=cfg.train.eval_every_steps,
         max_checkpoints=cfg.train.max_checkpoints,
+        keep_checkpoints_every_steps=cfg.train.keep_checkpoints_every_steps,
         nonfinite=cfg.train.nonfinite,
         max_labels=cfg.data.max_labels,
         pretrained=cfg.model.pretrained,

@@ -22,12 +22,13 @@ from larvseg_jax import (
     evaluate,
     experiment,
     groups,
+    interrupts,
     sharding,
     tb_writer,
     visualize,
 )
 from larvseg_jax.data import catalog, pipeline, sources
-from larvseg_jax.errors import MissingError, NonFiniteError
+from larvseg_jax.errors import CheckpointError, MissingError, NonFiniteError
 from larvseg_jax.experiment import Setup
 from larvseg_jax.models import pretrained
 from larvseg_jax.progress import format_seconds
@@ -54,6 +55,7 @@ def open_checkpointer(setup: Setup) -> checkpoint.Checkpointer:
         os.path.join(setup.workdir, "checkpoints"),
         max_to_keep=setup.loop.max_checkpoints,
         save_every_steps=setup.loop.checkpoint_every_steps,
+        keep_every_steps=setup.loop.keep_checkpoints_every_steps,
     )
 
 
@@ -434,27 +436,42 @@ def train_and_evaluate(
 
     A run whose latest checkpoint is already at total_steps is complete: it is reported and
     nothing is re-run (use --mode eval to evaluate again). `stop_at` ends this run early with a
-    checkpoint, as a preemption would (tests use it).
+    checkpoint, as a preemption would (tests use it). An interrupt in any phase (setup and data
+    generation, restore, compilation, a step, an evaluation, a save) raises `Interrupted`, which
+    says what is on disk.
     """
-    setup = experiment.build_setup(cfg, workdir)
-    loop = setup.loop
-    ckpt = open_checkpointer(setup)
-    latest = ckpt.latest_step()
-    if latest is not None and latest >= loop.total_steps:
+    latest = None
+    try:
+        setup = experiment.build_setup(cfg, workdir)
+        loop = setup.loop
+        ckpt = open_checkpointer(setup)
+    except KeyboardInterrupt as interrupt:
+        raise Interrupted(0, wrote=False, latest=None, phase="setup") from interrupt
+    try:
+        latest = ckpt.latest_step()
+        if latest is not None and latest >= loop.total_steps:
+            logging.info(
+                "run complete: %s holds step %d of %d; nothing to do (--mode eval evaluates it "
+                "again)",
+                ckpt.directory,
+                latest,
+                loop.total_steps,
+            )
+            return last_report(workdir, latest) if do_eval else {}
+        data_iter = make_train_iterator(setup)
+        if latest is not None:
+            logging.info("resuming from %s/%d", ckpt.directory, latest)
+            state = ckpt.restore(latest, setup.abstract_state, data_iter, setup.config_json)
+        else:
+            state = initial_state(setup)
+        interrupts.check()
+    except KeyboardInterrupt as interrupt:
         ckpt.close()
-        logging.info(
-            "run complete: %s holds step %d of %d; nothing to do (--mode eval evaluates it again)",
-            ckpt.directory,
-            latest,
-            loop.total_steps,
-        )
-        return last_report(workdir, latest) if do_eval else {}
-    data_iter = make_train_iterator(setup)
-    if latest is not None:
-        logging.info("resuming from %s/%d", ckpt.directory, latest)
-        state = ckpt.restore(latest, setup.abstract_state, data_iter, setup.config_json)
-    else:
-        state = initial_state(setup)
+        phase = "setup" if latest is None else "restore"
+        raise Interrupted(latest or 0, wrote=False, latest=latest, phase=phase) from interrupt
+    except BaseException:
+        ckpt.close()
+        raise
     writer = open_writer(workdir)
     if latest is None:
         log_parameters(state, writer)
@@ -470,70 +487,122 @@ def _train_loop(setup, state, data_iter, ckpt, writer, *, do_eval, stop_at) -> d
     """Steps until total_steps (or stop_at), with logs, checkpoints and evaluations on schedule.
 
     The step and its input run under `jax.transfer_guard("disallow")`: an implicit host-device
-    transfer in the hot path is an error, not a silent slowdown.
+    transfer in the hot path is an error, not a silent slowdown. A stop request is honoured at
+    step boundaries: the step reached is saved (unless it already was) and in-flight saves
+    finish before `Interrupted` is raised.
     """
     loop = setup.loop
     step_fn = compile_step(setup, make_metrics_collection(setup.settings))
     meta = {"config": setup.config_json, "group_sources": group_plan(setup)}
     last = loop.total_steps if stop_at is None else min(stop_at, loop.total_steps)
     step = start_step = int(jax.device_get(state.step))
+    saved = None  # the last step this run saved
     window = LogWindow(setup, writer, step)
     report: dict = {}
+    phase = "compilation of the first step"
     try:
         while step < last:
+            interrupts.check()
+            if step == start_step:
+                interrupts.test_point("compile")  # the first step call compiles
             host_batch = next(data_iter)
             with jax.transfer_guard("disallow"):
                 batch = sharding.host_batch_to_global(host_batch, setup.mesh)
                 state, step_metrics = step_fn(state, batch)
                 window.add(step_metrics)
             step += 1
+            phase = "training"
             if step % loop.log_every_steps == 0 or step == loop.total_steps:
                 window.flush(step)
             if step % loop.checkpoint_every_steps == 0 or step in (loop.total_steps, last):
                 ckpt.save(step, state, data_iter, meta, force=True)
+                saved = step
+                interrupts.test_point("save")
             if do_eval and (step % loop.eval_every_steps == 0 or step == loop.total_steps):
+                phase = f"evaluation of step {step}"
                 report = run_eval(setup, state, step, writer)
-    except KeyboardInterrupt as interrupt:
+                phase = "training"
+        phase = "the last save"
         if step > start_step:
+            _make_sure_saved(ckpt, step, state, data_iter, meta)
+    except KeyboardInterrupt as interrupt:
+        if step > start_step and saved != step:
             logging.warning("interrupted at step %d: saving a checkpoint before exiting", step)
             ckpt.save(step, state, data_iter, meta, force=True)
+            saved = step
+        elif saved == step:
+            logging.warning("interrupted at step %d: finishing the checkpoint write in flight", step)
         ckpt.wait()
-        raise Interrupted(step, wrote=step > start_step, latest=ckpt.latest_step()) from interrupt
+        latest = ckpt.latest_step()
+        raise Interrupted(step, wrote=saved == step == latest, latest=latest, phase=phase) from (
+            interrupt
+        )
     return report
 
 
+def _make_sure_saved(ckpt, step, state, data_iter, meta) -> None:
+    """The run's last checkpoint must be on disk: a failed final save is tried once more, then
+    the run fails (a training run that ends without its weights is not a success)."""
+    ckpt.wait()
+    if ckpt.latest_step() == step:
+        return
+    ckpt.save(step, state, data_iter, meta, force=True)
+    ckpt.wait()
+    if ckpt.latest_step() != step:
+        raise CheckpointError(
+            f"the final checkpoint of step {step} could not be written to {ckpt.directory} "
+            "(see the lines above): check that disk, then run the same command to redo the "
+            f"steps since the latest checkpoint ({ckpt.latest_step()})"
+        )
+
+
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM during training, with what was saved (so the message is true).
+    """Ctrl-C or SIGTERM, with what is on disk afterwards (so the message is true).
 
     Attributes:
       step: the step reached.
-      wrote: a checkpoint of `step` was written on the way out.
+      wrote: a checkpoint of `step` is on disk.
       latest: the latest checkpoint on disk (None: there is none).
+      phase: what was running ("setup", "restore", "compilation of the first step",
+        "training", "evaluation of step N").
     """
 
-    def __init__(self, step: int, *, wrote: bool, latest: int | None):
+    def __init__(self, step: int, *, wrote: bool, latest: int | None, phase: str = "training"):
         super().__init__(step)
-        self.step, self.wrote, self.latest = step, wrote, latest
+        self.step, self.wrote, self.latest, self.phase = step, wrote, latest, phase
 
     def message(self) -> str:
+        during = "" if self.phase == "training" else f" during {self.phase}"
+        if self.wrote and self.phase.startswith("evaluation"):
+            return (
+                f"interrupted{during}: the checkpoint of step {self.step} is saved, its "
+                "evaluation was not written; run the same command to resume (--mode eval "
+                "evaluates a checkpoint)"
+            )
         if self.wrote:
             return (
-                f"interrupted at step {self.step}: checkpoint saved; run the same command to resume"
+                f"interrupted at step {self.step}{during}: checkpoint saved; run the same "
+                "command to resume"
             )
+        if self.phase.startswith("evaluation"):
+            return f"interrupted during {self.phase}: its report was not written"
         if self.latest is not None:
             return (
-                f"interrupted at step {self.step} before another step finished: nothing new "
-                f"saved; the same command resumes from the checkpoint of step {self.latest}"
+                f"interrupted at step {self.step}{during} before another step finished: nothing "
+                f"new saved; the same command resumes from the checkpoint of step {self.latest}"
             )
         return (
-            f"interrupted at step {self.step} before the first step finished: nothing was "
-            "saved; the same command starts again"
+            f"interrupted at step {self.step}{during} before the first step finished: nothing "
+            "was saved; the same command starts again"
         )
 
 
 def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Restores cfg.eval.step (or the latest) onto the present devices and evaluates it."""
-    setup = experiment.build_setup(cfg, workdir)
+    try:
+        setup = experiment.build_setup(cfg, workdir)
+    except KeyboardInterrupt as interrupt:
+        raise Interrupted(0, wrote=False, latest=None, phase="setup") from interrupt
     ckpt = open_checkpointer(setup)
     step = setup.loop.eval_step if setup.loop.eval_step >= 0 else ckpt.latest_step()
     if step is None:
@@ -541,10 +610,14 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         raise MissingError(
             f"no checkpoint in {ckpt.directory}: train first (--mode train) or fix --workdir"
         )
-    state = ckpt.restore(step, setup.abstract_state, config=setup.config_json)
-    writer = open_writer(workdir)
     try:
-        return run_eval(setup, state, step, writer)
+        state = ckpt.restore(step, setup.abstract_state, config=setup.config_json)
+        writer = open_writer(workdir)
+        try:
+            return run_eval(setup, state, step, writer)
+        finally:
+            writer.close()
+    except KeyboardInterrupt as interrupt:
+        raise Interrupted(step, wrote=False, latest=step, phase=f"evaluation of step {step}") from interrupt
     finally:
-        writer.close()
         ckpt.close()

@@ -1,5 +1,6 @@
-"""Ctrl-C / SIGTERM in the loop: a checkpoint when a step finished since the last one, and a
-message that says truthfully what was saved."""
+"""A KeyboardInterrupt raised into the library (no signal handlers installed, as when
+train_and_evaluate is called from a notebook): a message that says truthfully what was saved.
+main.py's signal handling in every phase is tests/test_interrupt_phases.py's subject."""
 
 import os
 
@@ -28,15 +29,6 @@ def test_interrupt_before_the_first_step_saves_nothing_and_says_so(tmp_path, mon
     assert (info.value.step, info.value.wrote, info.value.latest) == (0, False, None)
     assert not os.listdir(tmp_path / "checkpoints")
     assert "nothing was saved" in info.value.message()
-
-
-def test_interrupt_after_steps_saves_that_step(tmp_path, monkeypatch):
-    _interrupt_at(monkeypatch, 4)  # steps 0-3 ran; step 3 was saved on schedule
-    with pytest.raises(train.Interrupted) as info:
-        train.train_and_evaluate(smoke.get_config(), str(tmp_path), do_eval=False)
-    assert (info.value.step, info.value.wrote, info.value.latest) == (4, True, 4)
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "4"]
-    assert info.value.message().startswith("interrupted at step 4: checkpoint saved")
 
 
 def test_interrupt_right_after_a_resume_points_at_the_existing_checkpoint(tmp_path, monkeypatch):

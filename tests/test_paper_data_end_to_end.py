@@ -2,7 +2,8 @@
 
 Miniatures of the four downloads (tests/data/layouts.py: real layouts, encodings, class ids and
 wnids, with grayscale, CMYK and corrupt files) go through the real command line; then each
-paper config runs two steps with a micro ViT and small crops (--mode train_and_eval in-process)
+paper config runs two steps (six of the eleven only with --runslow; the rest cover every source,
+eval set and head variant) with a micro ViT and small crops (--mode train_and_eval in-process)
 and its eval JSON must hold base/novel means over the paper's class lists.
 """
 
@@ -25,6 +26,15 @@ PAPER_CONFIGS = sorted(
     for p in (REPO / "configs").glob("*.py")
     if p.stem.startswith(("baseline_", "larvseg_", "supervised_"))
 )
+# In the default suite: one config per training source, eval set and head variant (CA,
+# baseline, single-image, supervised); the other six run with --runslow.
+COVERING = {
+    "larvseg_c171_wa150_i124",
+    "larvseg_c171_wa847_i585",
+    "baseline_c171_i11k",
+    "larvseg_single_image_c171_wa150",
+    "supervised_a150",
+}
 SPLITS = {"a150": (58, 92), "a847": (92, 755), "a585": None}
 
 
@@ -95,7 +105,9 @@ def tiny(cfg, data_dir):
     return cfg
 
 
-@pytest.mark.parametrize("name", PAPER_CONFIGS)
+@pytest.mark.parametrize(
+    "name", [n if n in COVERING else pytest.param(n, marks=pytest.mark.slow) for n in PAPER_CONFIGS]
+)
 def test_paper_config_trains_and_evaluates(prepared, tmp_path, name):
     cfg = tiny(importlib.import_module(f"configs.{name}").get_config(), prepared)
     report = train.train_and_evaluate(cfg, str(tmp_path))

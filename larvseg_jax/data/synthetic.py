@@ -49,6 +49,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from larvseg_jax import interrupts
 from larvseg_jax.data import catalog, sources
 from larvseg_jax.errors import ConfigError
 
@@ -243,6 +244,9 @@ def generate(name: str, knobs: Mapping[str, Any]) -> Iterator[dict]:
     remap = np.full(len(ALL), 255, np.uint8)
     remap[[ALL.index(c) for c in vocab]] = np.arange(len(vocab), dtype=np.uint8)
     for i in range(count):
+        interrupts.check()  # safe point: the world is renamed into place only when complete
+        if i == 1:
+            interrupts.test_point("generate")
         rng = np.random.default_rng([int(knobs["seed"]), NAMES.index(name), i])
         if kind == "single":
             local = i % len(vocab)
