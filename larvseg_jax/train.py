@@ -531,7 +531,9 @@ def _train_loop(setup, state, data_iter, ckpt, writer, *, do_eval, stop_at) -> d
             ckpt.save(step, state, data_iter, meta, force=True)
             saved = step
         elif saved == step:
-            logging.warning("interrupted at step %d: finishing the checkpoint write in flight", step)
+            logging.warning(
+                "interrupted at step %d: finishing the checkpoint write in flight", step
+            )
         ckpt.wait()
         latest = ckpt.latest_step()
         raise Interrupted(step, wrote=saved == step == latest, latest=latest, phase=phase) from (
@@ -618,6 +620,8 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         finally:
             writer.close()
     except KeyboardInterrupt as interrupt:
-        raise Interrupted(step, wrote=False, latest=step, phase=f"evaluation of step {step}") from interrupt
+        raise Interrupted(
+            step, wrote=False, latest=step, phase=f"evaluation of step {step}"
+        ) from interrupt
     finally:
         ckpt.close()

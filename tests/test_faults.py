@@ -84,6 +84,6 @@ def test_sigkill_during_an_async_save_resumes_bit_identically(tmp_path):
 
     c = final_state(_config(), on_one)
     assert int(c.step) == 6
-    close = lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)  # noqa: E731
+    close = lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
     jax.tree.map(close, a, c)
     assert (tmp_path / "straight" / position).read_text() == (on_one / position).read_text()
