@@ -91,11 +91,22 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(f"config {message}")
 
 
+def _int(value: Any, key: str) -> None:
+    """A whole number (a config file may hold 1e4 or "8" where an int is meant)."""
+    _check(
+        isinstance(value, int) and not isinstance(value, bool),
+        f"{key}={value!r} must be a whole number (it is a {type(value).__name__})",
+    )
+
+
 def _one_of(value: Any, allowed: tuple, key: str) -> None:
     _check(value in allowed, f"{key}={value!r} is unknown; use one of {', '.join(allowed)}")
 
 
 def _validate_sources(cfg: ml_collections.ConfigDict) -> None:
+    for name, entry in cfg.data.sources.items():
+        for field in ("order", "ratio", "crop"):
+            _int(entry[field], f"data.sources.{name}.{field}")
     entries = ordered_sources(cfg)
     _check(bool(entries), "data.sources is empty: name at least one training source")
     for name, entry in entries:
@@ -110,6 +121,13 @@ def _validate_sources(cfg: ml_collections.ConfigDict) -> None:
         _check(entry.crop >= 1, f"{key}.crop={entry.crop} must be >= 1")
         lo, hi = entry.scale_range
         _check(0 < lo <= hi, f"{key}.scale_range={tuple(entry.scale_range)} must be 0 < lo <= hi")
+        # The short side is rescaled to crop * r, r ~ U[lo, hi) (pipeline.train_transforms).
+        _check(
+            hi >= 1.0,
+            f"{key}.scale_range={tuple(entry.scale_range)} never makes an image as large as its "
+            f"{entry.crop}-px crop (short side rescaled to at most {hi:g} x {entry.crop} px): "
+            "every crop would be part padding; raise the upper bound to at least 1.0",
+        )
         _check(entry.weight >= 0 and entry.ca_weight >= 0, f"{key}: weights must be >= 0")
     orders = sorted(entry.order for _, entry in entries)
     _check(
@@ -150,6 +168,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             "the AugReg ViT-B/16 .npz"
         )
     _validate_sources(cfg)
+    for key in ("num_groups", "images_per_group", "max_labels", "num_workers", "prefetch"):
+        _int(cfg.data[key], f"data.{key}")
+    for key in ("total_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
+        _int(cfg.train[key], f"train.{key}")
+    for key in ("max_checkpoints", "keep_checkpoints_every_steps"):
+        _int(cfg.train[key], f"train.{key}")
+    for key in ("memory_size", "topk", "warm_up"):
+        _int(cfg.ca[key], f"ca.{key}")
+    _int(cfg.seed, "seed")
     _check(cfg.data.images_per_group >= 1, "data.images_per_group must be >= 1")
     _check(cfg.data.max_labels >= 1, "data.max_labels must be >= 1")
     _one_of(cfg.loss.seg_normalize, SEG_NORMALIZE, "loss.seg_normalize")

@@ -8,8 +8,9 @@ converters (or `synthetic.py`) and checked against this table when opened.
 
 import dataclasses
 import pathlib
+from collections.abc import Sequence
 
-from larvseg_jax.errors import ConfigError
+from larvseg_jax.errors import ConfigError, DataError
 
 CLASSES_DIR = pathlib.Path(__file__).parent / "classes"
 KINDS = ("seg", "weak", "single", "eval")
@@ -49,7 +50,36 @@ class Dataset:
         return self.name.startswith("syn_")
 
 
+def check_names(names: Sequence[str], where: str, *, allow_duplicates: bool = False) -> None:
+    """Refuses an empty class list, a blank name and (unless allowed) a name given twice.
+
+    Raises:
+      DataError naming `where` (a file or a source) and the offending entries (1-based).
+    """
+    if not names:
+        raise DataError(f"{where}: the class list is empty; give one class name per line")
+    blank = [i + 1 for i, n in enumerate(names) if not str(n).strip()]
+    if blank:
+        raise DataError(f"{where}: class {blank[0]} of {len(names)} has an empty name")
+    if allow_duplicates:
+        return
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in first:
+            raise DataError(
+                f"{where}: classes {first[name] + 1} and {i + 1} are both named {name!r}; class "
+                "names must be unique (one output row each): rename or drop one"
+            )
+        first[name] = i
+
+
+# Lists in which two class ids may carry the same name: ImageNet-21K synsets whose first lemma
+# coincides (the official code matches by name, so they share a row; SPEC 5.2).
+DUPLICATE_NAMES_OK = ("i11k.txt",)
+
+
 def _columns(classes_file: str) -> list[list[str]]:
+    """Tab-separated columns of a classes/ file (or of any path given absolute)."""
     return [line.split("\t") for line in (CLASSES_DIR / classes_file).read_text().splitlines()]
 
 
@@ -57,6 +87,8 @@ def read_names(classes_file: str, naming: str = "plain") -> tuple[str, ...]:
     """Names of a classes/ file in label-id order; "c171_v1" cuts each at its first "-"."""
     # "<wnid>\t<name>" for ImageNet subsets, "<COCO id>\t<name>" for COCO-Stuff.
     names = [cols[-1] for cols in _columns(classes_file)]
+    where = f"classes file {CLASSES_DIR / classes_file}"
+    check_names(names, where, allow_duplicates=classes_file in DUPLICATE_NAMES_OK)
     if naming == "c171_v1":  # paper-time V1 names (SPEC 1.4)
         names = [n.split("-")[0] for n in names]
     return tuple(names)

@@ -201,7 +201,7 @@ class ShardWriter:
     def write(self, example: Mapping[str, Any]) -> None:
         present = present_classes(example, self.kind, self.ignore_codes)
         if present.size and (present.min() < 0 or present.max() >= len(self.counts)):
-            raise ValueError(
+            raise DataError(
                 f"record {example['image_id']!r}: class ids {present.tolist()} outside "
                 f"0..{len(self.counts) - 1}"
             )
@@ -242,6 +242,8 @@ def finalize_source(
 
     metadata.json is written last (atomically): its presence marks the source complete.
     """
+    # Duplicates are legitimate in some lists (i11k); open_source compares with the catalog.
+    catalog.check_names(class_names, f"source {directory}", allow_duplicates=True)
     if ignore_codes is None:
         ignore_codes = default_ignore_codes(label_dtype)
     template = tfds.core.ShardedFileTemplate(

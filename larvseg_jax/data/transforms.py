@@ -89,7 +89,14 @@ class Decode(grain.transforms.Map):
             label = np.full((h, w), IGNORE, np.int32)
         else:
             class_id = -1
-            raw = np.asarray(record["label"]).reshape(h, w).astype(np.int64)
+            raw = np.asarray(record["label"])
+            if raw.shape[:2] != (h, w) or raw.size != h * w:
+                raise DataError(
+                    f"{self.name} record {image_id!r}: its label map is "
+                    f"{'x'.join(map(str, raw.shape[:2]))} but its image is {h}x{w}; re-run the "
+                    "converter (it rejects such pairs) or fix the record's label"
+                )
+            raw = raw.reshape(h, w).astype(np.int64)
             ignore = np.isin(raw, self.ignore_codes) | (raw < 0)
             bad = (raw >= self.num_classes) & ~ignore
             if bad.any():
