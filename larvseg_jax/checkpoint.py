@@ -70,9 +70,9 @@ class Checkpointer:
             save_interval_steps=save_every_steps,
             enable_async_checkpointing=True,
             create=True,
-            cleanup_tmp_directories=True,  # what a killed run left half-written
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._remove_partial()  # what a killed run left half-written
         self._in_flight: int | None = None  # the step of the async save not yet settled
         self.failures_in_a_row = 0
 
@@ -121,11 +121,18 @@ class Checkpointer:
         if step is not None:
             self.failures_in_a_row = 0
 
+    def _remove_partial(self, prefix: str = "") -> None:
+        """Deletes uncommitted saves (names starting with `prefix`) on the primary process:
+        orbax never reads them, and on a nearly full disk they are what stands in the way."""
+        if jax.process_index() != 0:
+            return
+        for name in os.listdir(self.directory):
+            if name.startswith(prefix) and ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
     def _failed(self, step: int | None, error: OSError) -> None:
-        if step is not None and jax.process_index() == 0:  # what it wrote is of no use
-            for name in os.listdir(self.directory):
-                if name.startswith(f"{step}.orbax-checkpoint-tmp"):
-                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        if step is not None:
+            self._remove_partial(f"{step}.")
         self.failures_in_a_row += 1
         what = f"the checkpoint of step {step} could not be written to {self.directory} ({error})"
         if self.failures_in_a_row >= FAILURES_IN_A_ROW:

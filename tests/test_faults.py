@@ -75,6 +75,7 @@ def test_sigkill_during_an_async_save_resumes_bit_identically(tmp_path):
         log = proc.communicate(timeout=300)[0]
         assert proc.returncode == 0, log[-3000:]
         assert f"resuming from {workdir / 'checkpoints'}/2" in log, log[-3000:]
+        assert not any(".orbax-checkpoint-tmp" in n for n in os.listdir(workdir / "checkpoints"))
 
     a, b = final_state(_config(), tmp_path / "straight"), final_state(_config(), killed)
     assert int(a.step) == int(b.step) == 6
