@@ -22,24 +22,21 @@ def heat(att: np.ndarray) -> np.ndarray:
     return (low + a * (high - low)).astype(np.uint8)
 
 
-def attention_panels(
+def attention_fn(
     model: Any,
     params: Any,
     bank: ca_classifier.Bank,
-    dataset: Iterable[dict],
     cls_index: np.ndarray,
-    class_names: list[str],
     ca: ca_classifier.CASettings,
-    max_panels: int = 4,
     *,
     max_labels: int,
-) -> list[tuple[str, np.ndarray]]:
-    """(title, uint8 [H, 3W, 3]) panels: resized input | GT mask of the class | attention.
+):
+    """Jitted (image [H, W, 3] normalised, present bool [N]) -> (labels [L], A [L, H, W]): the
+    attention of each present class (in loop order) at the image's size; see the module doc.
 
     Args:
       bank: one group's bank (no leading group axis).
-      dataset: eval dicts with "image" [H, W, 3] (normalised, resized), "label" [H0, W0], "raw".
-      cls_index: [N] union rows of the evaluation vocabulary.
+      cls_index: [N] union rows of the vocabulary the classes of `present` index.
       max_labels: the train step's bound on pairs per image (classes past it are background only).
     """
     index = jnp.asarray(cls_index)
@@ -62,6 +59,30 @@ def attention_panels(
         a = pairs["a"][0].reshape(-1, h, w, 1)  # [L, h, w, 1]
         return pairs["label"][0], jax.nn.sigmoid(interp.resize_bilinear(a, image.shape[:2]))[..., 0]
 
+    return attention
+
+
+def attention_panels(
+    model: Any,
+    params: Any,
+    bank: ca_classifier.Bank,
+    dataset: Iterable[dict],
+    cls_index: np.ndarray,
+    class_names: list[str],
+    ca: ca_classifier.CASettings,
+    max_panels: int = 4,
+    *,
+    max_labels: int,
+) -> list[tuple[str, np.ndarray]]:
+    """(title, uint8 [H, 3W, 3]) panels: resized input | GT mask of the class | attention.
+
+    Args:
+      bank: one group's bank (no leading group axis).
+      dataset: eval dicts with "image" [H, W, 3] (normalised, resized), "label" [H0, W0], "raw".
+      cls_index: [N] union rows of the evaluation vocabulary.
+      max_labels: the train step's bound on pairs per image (classes past it are background only).
+    """
+    attention = attention_fn(model, params, bank, cls_index, ca, max_labels=max_labels)
     panels = []
     for example in dataset:
         label = np.asarray(example["label"])

@@ -367,13 +367,21 @@ def data_options(cfg: ml_collections.ConfigDict) -> dict:
     }
 
 
-def build_setup(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
-    """Validates the config, prepares the data dir and builds a run's objects."""
-    validate(cfg)
-    check_workdir(workdir)
-    mesh = sharding.make_mesh()
-    groups.groups_per_device(cfg.data.num_groups, mesh.devices.size)
-    data_dir = prepare_data(cfg)
+@dataclasses.dataclass
+class Template:
+    """What a config defines without data or devices: vocabulary, model, optimizer, and the
+    train state's init function and shapes (training builds on it; so does inference)."""
+
+    voc: vocab.Vocabulary
+    settings: StepSettings
+    model: Any
+    tx: Any
+    schedule: Any
+    init_fn: Any
+    abstract_state: Any  # ShapeDtypeStructs, no shardings
+
+
+def build_template(cfg: ml_collections.ConfigDict) -> Template:
     voc = build_vocabulary(cfg)
     settings = build_step_settings(cfg, voc)
     model = build_model(cfg, len(voc.union))
@@ -386,13 +394,24 @@ def build_setup(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
         settings=settings,
     )
     abstract = jax.eval_shape(init, jax.random.PRNGKey(cfg.seed))
-    shardings = state_shardings(abstract, mesh)
+    return Template(voc, settings, model, tx, schedule, init, abstract)
+
+
+def build_setup(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
+    """Validates the config, prepares the data dir and builds a run's objects."""
+    validate(cfg)
+    check_workdir(workdir)
+    mesh = sharding.make_mesh()
+    groups.groups_per_device(cfg.data.num_groups, mesh.devices.size)
+    data_dir = prepare_data(cfg)
+    t = build_template(cfg)
+    shardings = state_shardings(t.abstract_state, mesh)
     return Setup(
         workdir=workdir,
         data_dir=data_dir,
         mesh=mesh,
-        voc=voc,
-        settings=settings,
+        voc=t.voc,
+        settings=t.settings,
         loop=loop_settings(cfg),
         streams=tuple(
             pipeline.StreamSpec(name, entry.crop, tuple(entry.scale_range))
@@ -400,10 +419,10 @@ def build_setup(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
         ),
         data_options=data_options(cfg),
         config_json=json.loads(cfg.to_json_best_effort()),
-        model=model,
-        tx=tx,
-        schedule=schedule,
-        init_fn=init,
+        model=t.model,
+        tx=t.tx,
+        schedule=t.schedule,
+        init_fn=t.init_fn,
         state_shardings=shardings,
-        abstract_state=checkpoint.abstract_with_shardings(abstract, shardings),
+        abstract_state=checkpoint.abstract_with_shardings(t.abstract_state, shardings),
     )

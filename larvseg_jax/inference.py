@@ -1,0 +1,278 @@
+"""A trained model ready for people's own images.
+
+`load` restores a checkpoint together with the config stored in it (no config file, no data
+needed), and `Predictor.segment` runs the evaluation path on any RGB image (SPEC 7.1-7.2: short
+side resized as in evaluation, slide windows, logits resized back to the original size, argmax),
+so a prediction here is the prediction evaluation scores. `segment`, the export and the demo all
+go through this module.
+"""
+
+import dataclasses
+import difflib
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from larvseg_jax import ca_visualize, evaluate, experiment, interp
+from larvseg_jax.ca_classifier import CASettings
+from larvseg_jax.data import catalog, transforms
+from larvseg_jax.errors import ConfigError, MissingError
+
+WNID = re.compile(r"^n\d{8}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """One image's result at its original size.
+
+    Attributes:
+      labels: int32 [H0, W0], ids into the vocabulary the prediction was made over.
+      confidence: float32 [H0, W0], softmax probability of the predicted class (computed at the
+        network's input size, resized bilinearly).
+    """
+
+    labels: np.ndarray
+    confidence: np.ndarray
+
+
+@dataclasses.dataclass
+class Predictor:
+    """A restored model and what it needs to predict like evaluation does."""
+
+    cfg: ml_collections.ConfigDict  # the config the checkpoint was trained with
+    checkpoint: str  # <workdir>/checkpoints/<step>
+    step: int
+    model: Any
+    params: Any
+    union: tuple[str, ...]  # the trained vocabulary (rows of the class table)
+    default_names: tuple[str, ...]  # the config's evaluation vocabulary
+    bank: Any  # one CA group's memory bank (no group axis), or None without the CA-classifier
+    ca: CASettings
+    max_labels: int
+    device: Any
+
+    def __post_init__(self):
+        self._rows = {name: i for i, name in enumerate(self.union)}
+
+        @jax.jit
+        def predict(params, index, images):
+            return self.model.apply({"params": params}, images, index, train=False)[0]
+
+        @jax.jit
+        def confidence(logits):
+            return jax.nn.softmax(logits, axis=-1).max(-1)
+
+        self._predict, self._confidence = predict, confidence
+        self._attention = None
+
+    # ---- vocabulary ----
+
+    def resolve(self, names: Sequence[str], where: str) -> tuple[str, ...]:
+        """Checks and canonicalises requested class names: each must be a trained class;
+        ImageNet wnids (n02084071) stand for their class name.
+
+        Raises:
+          ConfigError naming `where`, the unknown names and the closest known ones.
+        """
+        wnids = _wnid_names()
+        resolved = [wnids.get(n, n) if WNID.match(n) else n for n in (x.strip() for x in names)]
+        catalog.check_names(resolved, where)
+        unknown = [n for n in resolved if n not in self._rows]
+        if unknown:
+            name = unknown[0]
+            close = difflib.get_close_matches(name, self.union, n=5, cutoff=0.6)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+            raise ConfigError(
+                f"{where}: {name!r}{more} is not one of the {len(self.union)} classes this model "
+                f"was trained on{hint}"
+            )
+        return tuple(resolved)
+
+    def index(self, names: Sequence[str]) -> np.ndarray:
+        """[N] int32 rows of the class table for `names` (already resolved)."""
+        return np.asarray([self._rows[n] for n in names], np.int32)
+
+    # ---- prediction ----
+
+    def _input(self, rgb: np.ndarray) -> np.ndarray:
+        """uint8 [H0, W0, 3] -> normalised float32 at the evaluation size (EvalResize)."""
+        short = int(self.cfg.eval.short_side)
+        h, w = rgb.shape[:2]
+        new_h, new_w = transforms.rescale_size(h, w, (4 * short, short))
+        return transforms.normalize(transforms.resize_bilinear(rgb, new_h, new_w))
+
+    def logits(self, rgb: np.ndarray, index: np.ndarray) -> jax.Array:
+        """[H, W, N] logits at the evaluation input size, left on the device (not synced)."""
+        index = jax.device_put(np.asarray(index, np.int32), self.device)
+
+        def predict_fn(images):
+            return self._predict(self.params, index, images)
+
+        return evaluate.slide_inference(
+            predict_fn,
+            self._input(rgb),
+            num_classes=len(index),
+            crop=int(self.cfg.eval.crop_size),
+            stride=int(self.cfg.eval.stride),
+            mode=self.cfg.eval.mode,
+            device=self.device,
+        )
+
+    def finish(self, logits: jax.Array, out_hw: Sequence[int]) -> Prediction:
+        """Labels and confidence at the original size `out_hw` (this is the host sync)."""
+        labels = evaluate.predict_labels(logits, out_hw)
+        conf = self._confidence(logits)[..., None]
+        conf = interp.resize_bilinear(conf, tuple(int(x) for x in out_hw))[..., 0]
+        return Prediction(np.asarray(labels), np.asarray(conf, np.float32))
+
+    def segment(self, rgb: np.ndarray, index: np.ndarray) -> Prediction:
+        """Segments uint8 RGB [H0, W0, 3] over the classes of `index` (see `index`)."""
+        return self.finish(self.logits(rgb, index), rgb.shape[:2])
+
+    def attention(self, rgb: np.ndarray, index: np.ndarray, class_id: int) -> np.ndarray:
+        """The CA-classifier's attention map (SPEC 2.4) of class `class_id` (an id into `index`)
+        on the image, [H0, W0] in [0, 1]; needs a model trained with the CA-classifier."""
+        if self.bank is None:
+            raise ConfigError(
+                f"{self.checkpoint} has no memory bank (trained with ca.enabled=False): "
+                "attention maps need a LarvSeg (CA-classifier) model"
+            )
+        if self._attention is None or self._attention[0] is not index:
+            fn = ca_visualize.attention_fn(
+                self.model, self.params, self.bank, index, self.ca, max_labels=self.max_labels
+            )
+            self._attention = (index, fn)
+        image = self._input(rgb)
+        present = np.zeros(len(index), bool)
+        present[class_id] = True
+        _, att = self._attention[1](jnp.asarray(image), jnp.asarray(present))
+        att = interp.resize_bilinear(att[0][..., None], tuple(rgb.shape[:2]))[..., 0]
+        return np.clip(np.asarray(att), 0.0, 1.0)
+
+
+class ImageError(ValueError):
+    """A file that is not a readable image (the message says why)."""
+
+
+def read_rgb(source: str | bytes, max_pixels: int = 4096 * 4096 * 4) -> np.ndarray:
+    """uint8 [H, W, 3] of an image file or its bytes, as a viewer shows it: EXIF orientation
+    applied; grayscale, CMYK, RGBA and palette images converted to RGB.
+
+    Raises:
+      ImageError: not an image, truncated, or more than `max_pixels` (a decompression bomb).
+    """
+    import io
+
+    from PIL import Image, ImageOps
+
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("RGBA", "LA", "PA") or (
+                image.mode == "P" and "transparency" in image.info
+            ):
+                image = image.convert("RGBA")
+                white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(white, image)  # transparent = white, as viewers do
+            return np.asarray(image.convert("RGB"))
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"too large ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"not a readable image ({e})") from None
+
+
+def _wnid_names() -> dict[str, str]:
+    """ImageNet wnid -> class name over the catalog's ImageNet lists."""
+    out = {}
+    for name in ("i11k", "i585", "i124"):
+        keys, names = catalog.read_keys(f"{name}.txt"), catalog.read_names(f"{name}.txt")
+        out.update(zip(keys, names))
+    return out
+
+
+def checkpoint_location(
+    workdir: str | None = None, step: int | None = None, checkpoint: str | None = None
+) -> tuple[str, int]:
+    """(checkpoints directory, step) from --workdir [--step] or --checkpoint DIR/<step>."""
+    if checkpoint:
+        path = os.path.abspath(checkpoint.rstrip("/"))
+        name = os.path.basename(path)
+        if not name.isdigit() or not os.path.isdir(path):
+            raise MissingError(
+                f"--checkpoint {checkpoint!r} is not a checkpoint folder (<workdir>/checkpoints/"
+                "<step>); or pass --workdir"
+            )
+        return os.path.dirname(path), int(name)
+    if not workdir:
+        raise ConfigError("give --workdir DIR (its latest checkpoint) or --checkpoint DIR/<step>")
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    steps = (
+        sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+        if (os.path.isdir(directory))
+        else []
+    )
+    if not steps:
+        raise MissingError(f"no checkpoint in {directory}: train first or fix --workdir")
+    if step is None:
+        return directory, steps[-1]
+    if step not in steps:
+        raise MissingError(f"no checkpoint of step {step} in {directory}; available: {steps}")
+    return directory, step
+
+
+def load(
+    workdir: str | None = None,
+    *,
+    step: int | None = None,
+    checkpoint: str | None = None,
+    device: Any = None,
+) -> Predictor:
+    """Restores a checkpoint and its config onto one device (default: the first)."""
+    directory, step = checkpoint_location(workdir, step, checkpoint)
+    device = device or jax.local_devices()[0]
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        cfg = ml_collections.ConfigDict(meta["meta"]["config"])
+        template = experiment.build_template(cfg)
+        place = jax.sharding.SingleDeviceSharding(device)
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place),
+            template.abstract_state,
+        )
+        state = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )["state"]
+    finally:
+        manager.close()
+    settings = template.settings
+    bank = None
+    if state.bank is not None:  # the first group whose source trains the CA-classifier
+        ca_groups = [
+            g for g, s in enumerate(settings.group_source_ids) if settings.sources[s].ca_weight
+        ]
+        if ca_groups:
+            bank = jax.tree.map(lambda x: x[ca_groups[0]], state.bank._replace(feats=None))
+    return Predictor(
+        cfg=cfg,
+        checkpoint=os.path.join(directory, str(step)),
+        step=step,
+        model=template.model,
+        params=state.params,
+        union=tuple(template.voc.union),
+        default_names=tuple(template.voc.eval_names),
+        bank=bank,
+        ca=settings.ca,
+        max_labels=settings.max_labels,
+        device=device,
+    )

@@ -1,0 +1,193 @@
+"""`python -m larvseg_jax.segment` and `larvseg_jax.inference` on a tiny trained model: outputs
+for real photos of every colour mode, the evaluation path reproduced exactly, vocabulary
+control, attention maps and bad files."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import smoke
+from larvseg_jax import checkpoint, evaluate, experiment, inference, segment, train
+from larvseg_jax.data import catalog, transforms
+from larvseg_jax.errors import ConfigError
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+def _config():
+    cfg = smoke.get_config()
+    cfg.ca.enabled, cfg.ca.memory_size, cfg.ca.topk = True, 2, 4
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("segment_model")
+    train.train_and_evaluate(_config(), str(path), do_eval=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def predictor(workdir):
+    return inference.load(str(workdir))
+
+
+@pytest.fixture(scope="module")
+def odd_images(tmp_path_factory):
+    """A folder of the fixture photos in every mode a user may have, plus a rotated JPEG."""
+    folder = tmp_path_factory.mktemp("odd_images")
+    camera = Image.open(FIXTURES / "images" / "camera.png")
+    camera.convert("L").save(folder / "gray.png")
+    chelsea = Image.open(FIXTURES / "images" / "chelsea.png").convert("RGB")
+    chelsea.convert("CMYK").save(folder / "cmyk.jpg")
+    rgba = chelsea.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(folder / "rgba.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    chelsea.save(folder / "rotated.jpg", exif=exif.tobytes())  # stored 451 x 300
+    return folder
+
+
+def _run(capsys, *args):
+    code = segment.run([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_every_image_gets_labels_overlay_and_json_at_its_displayed_size(
+    workdir, odd_images, tmp_path, capsys
+):
+    photo = FIXTURES / "images" / "grace_hopper.jpg"
+    code, err = _run(capsys, "--workdir", workdir, "--images", odd_images, photo, "--out", tmp_path)
+    assert code == 0, err
+    assert "5 of 5 images segmented" in err
+    sizes = {"gray": (512, 512), "cmyk": (300, 451), "rgba": (300, 451), "rotated": (451, 300)}
+    sizes["grace_hopper"] = Image.open(photo).size[::-1]
+    for stem, (h, w) in sizes.items():
+        report = json.loads((tmp_path / f"{stem}.json").read_text())
+        assert report["size"] == [h, w] and report["step"] == 6
+        assert report["vocabulary"] == {"source": "evaluation set syn_eval", "num_classes": 10}
+        labels = np.asarray(Image.open(tmp_path / f"{stem}_labels.png"))
+        assert labels.shape == (h, w) and labels.max() < 10
+        fractions = {c["name"]: c["fraction"] for c in report["classes"]}
+        assert abs(sum(fractions.values()) - 1) < 1e-4
+        for c in report["classes"]:
+            assert np.isclose(np.mean(labels == c["id"]), c["fraction"], atol=1e-6)
+            assert 0 < c["mean_confidence"] <= 1
+        overlay = np.asarray(Image.open(tmp_path / f"{stem}_overlay.png"))
+        assert overlay.shape[1] % w == 0 and overlay.shape[0] > overlay.shape[1] // w * h  # legend
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
+
+
+def test_the_prediction_is_the_one_evaluation_scores(workdir, predictor):
+    cfg = _config()
+    setup = experiment.build_setup(cfg, str(workdir))
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=2, save_every_steps=3
+    )
+    state = ckpt.restore(6, setup.abstract_state)
+    ckpt.close()
+    rgb = inference.read_rgb(str(FIXTURES / "images" / "coffee.png"))
+    example = {"image": rgb, "label": np.zeros(rgb.shape[:2], np.int32), "class_id": -1, "id": ""}
+    image = transforms.EvalResize(cfg.eval.short_side).map(example)["image"]
+    logits = evaluate.slide_inference(
+        train.make_predict_fn(setup, state.params),
+        image,
+        num_classes=len(setup.voc.eval_names),
+        crop=cfg.eval.crop_size,
+        stride=cfg.eval.stride,
+        mode=cfg.eval.mode,
+        device=predictor.device,
+    )
+    want = np.asarray(evaluate.predict_labels(logits, rgb.shape[:2]))
+    got = predictor.segment(rgb, predictor.index(predictor.default_names))
+    np.testing.assert_array_equal(got.labels, want)
+
+
+def test_a_class_subset_restricts_the_prediction(workdir, tmp_path, capsys):
+    (tmp_path / "names.txt").write_text("sky\nwater\n")
+    photo = FIXTURES / "images" / "chelsea.png"
+    for flag, value, n in (
+        ("--classes", "sky, water,boat", 3),
+        ("--vocab", tmp_path / "names.txt", 2),
+    ):
+        out = tmp_path / flag.strip("-")
+        code, err = _run(capsys, "--workdir", workdir, "--images", photo, "--out", out, flag, value)
+        assert code == 0, err
+        report = json.loads((out / "chelsea.json").read_text())
+        assert report["vocabulary"]["num_classes"] == n
+        assert {c["name"] for c in report["classes"]} <= {"sky", "water", "boat"}
+        assert np.asarray(Image.open(out / "chelsea_labels.png")).max() < n
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--classes", "bota,sky"], "--classes: 'bota' is not one of the 10 classes this model"),
+        (["--classes", "bota,sky"], "closest: boat"),
+        (["--classes", "sky,sky"], "classes 1 and 2 are both named 'sky'"),
+        (["--dataset", "a15"], "unknown --dataset 'a15'"),
+        (["--dataset", "a150"], "--dataset a150: 'building' (and 139 more) is not one"),
+        (["--attention", "tent", "--classes", "sky"], "--attention 'tent' is not in the vocab"),
+        (["--step", "4"], "no checkpoint of step 4 in"),
+    ],
+)
+def test_vocabulary_and_checkpoint_mistakes_are_one_line(workdir, tmp_path, capsys, args, message):
+    photo = FIXTURES / "images" / "chelsea.png"
+    code, err = _run(capsys, "--workdir", workdir, "--images", photo, "--out", tmp_path, *args)
+    assert code == 1 and message in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not os.listdir(tmp_path)
+
+
+def test_wnids_stand_for_their_imagenet_class(predictor):
+    names, wnids = catalog.read_names("i124.txt"), catalog.read_keys("i124.txt")
+    imagenet = dataclasses.replace(predictor, union=names)
+    assert imagenet.resolve([wnids[3], names[5]], "--classes") == (names[3], names[5])
+
+
+def test_attention_map_of_a_class(workdir, predictor, tmp_path, capsys):
+    photo = FIXTURES / "images" / "rocket.jpg"
+    code, err = _run(
+        capsys, "--workdir", workdir, "--images", photo, "--out", tmp_path, "--attention", "sky"
+    )
+    assert code == 0, err
+    picture = np.asarray(Image.open(tmp_path / "rocket_attention_sky.png"))
+    assert picture.shape == inference.read_rgb(str(photo)).shape
+    att = predictor.attention(
+        inference.read_rgb(str(photo)),
+        predictor.index(predictor.default_names),
+        predictor.default_names.index("sky"),
+    )
+    assert att.min() >= 0 and att.max() <= 1 and att.std() > 0
+    without = dataclasses.replace(predictor, bank=None)
+    with pytest.raises(ConfigError, match="has no memory bank"):
+        without.attention(inference.read_rgb(str(photo)), predictor.index(("sky",)), 0)
+
+
+def test_bad_files_are_named_and_skipped_and_the_exit_status_says_so(workdir, tmp_path, capsys):
+    images = tmp_path / "in"
+    images.mkdir()
+    for name in ("not_an_image.jpg", "truncated.jpg"):
+        shutil.copy(FIXTURES / "bad" / name, images / name)
+    shutil.copy(FIXTURES / "images" / "astronaut.png", images / "astronaut.png")
+    out = tmp_path / "out"
+    code, err = _run(
+        capsys, "--workdir", workdir, "--images", images, "missing/*.png", "--out", out
+    )
+    assert code == 1
+    assert "skipped missing/*.png: matches no file" in err
+    assert f"skipped {images / 'not_an_image.jpg'}: not a readable image" in err
+    assert f"skipped {images / 'truncated.jpg'}: not a readable image" in err
+    assert "1 of 3 images segmented" in err
+    assert sorted(os.listdir(out)) == [
+        "astronaut.json",
+        "astronaut_labels.png",
+        "astronaut_overlay.png",
+    ]
