@@ -19,6 +19,7 @@ import numpy as np
 
 from configs import smoke
 from larvseg_jax import checkpoint
+from tests.processes import read_until
 from tests.test_resume import final_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -56,12 +57,8 @@ def test_sigkill_during_an_async_save_resumes_bit_identically(tmp_path):
 
     killed = tmp_path / "killed"
     proc = _main(killed, {checkpoint.PAUSE_BEFORE_COMMIT_ENV: "4"})
-    output = []
-    for line in proc.stdout:  # wait for the save of step 4 to be written and paused
-        output.append(line)
-        if "save of step 4 paused before its commit" in line:
-            proc.send_signal(signal.SIGKILL)
-            break
+    output = read_until(proc, "save of step 4 paused before its commit")
+    proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "".join(output[-20:])
     names = os.listdir(killed / "checkpoints")

@@ -17,8 +17,15 @@ import sys
 import pytest
 
 from larvseg_jax import checkpoint, interrupts
+from tests.processes import read_until, sigint_not_ignored
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _sigint_reaches_the_children():
+    with sigint_not_ignored():
+        yield
 
 
 def _start(workdir, *args, at=None, env=None):
@@ -38,7 +45,11 @@ def _start(workdir, *args, at=None, env=None):
 
 
 def _finish(proc, timeout=300):
-    out = proc.communicate(timeout=timeout)[0]
+    try:
+        out = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
     assert "Fatal Python error" not in out and "Traceback" not in out, out[-3000:]
     return proc.returncode, out
 
@@ -106,12 +117,8 @@ def test_ctrl_c_during_evaluation_keeps_the_checkpoint_and_writes_no_report(runs
 
 def test_sigterm_saves_at_the_next_step_boundary_and_exits_143(tmp_path):
     proc = _start(tmp_path, "--mode", "train", "--config.train.total_steps=10000")
-    output = []
-    for line in proc.stdout:
-        output.append(line)
-        if "step 2/10000" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
+    output = read_until(proc, "step 2/10000")
+    proc.send_signal(signal.SIGTERM)
     code, out = _finish(proc)
     out = "".join(output) + out
     assert code == 143, out[-3000:]
@@ -126,12 +133,8 @@ def test_a_second_ctrl_c_exits_at_once_without_committing(tmp_path):
     # one must end the process now, leaving step 3 uncommitted (never mistaken for complete).
     env = {checkpoint.PAUSE_BEFORE_COMMIT_ENV: "3"}
     proc = _start(tmp_path, "--mode", "train", at="save", env=env)
-    output = []
-    for line in proc.stdout:
-        output.append(line)
-        if "finishing the checkpoint write in flight" in line:
-            os.killpg(proc.pid, signal.SIGINT)
-            break
+    output = read_until(proc, "finishing the checkpoint write in flight")
+    os.killpg(proc.pid, signal.SIGINT)
     code, out = _finish(proc)
     out = "".join(output) + out
     assert code == 130, out[-3000:]
