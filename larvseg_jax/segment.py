@@ -30,23 +30,33 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 OVERLAY_ALPHA = 0.55  # weight of the class colours over the photo
 
 
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """--workdir / --step / --checkpoint (shared with the export)."""
+    model = parser.add_argument_group("model (one of)")
+    model.add_argument("--workdir", help="training workdir: its latest checkpoint (or --step)")
+    model.add_argument("--step", type=int, help="checkpoint step in --workdir")
+    model.add_argument("--checkpoint", help="a checkpoint folder, <workdir>/checkpoints/<step>")
+
+
+def add_vocabulary_flags(parser: argparse.ArgumentParser) -> None:
+    """--classes / --vocab / --dataset (default: the config's evaluation set)."""
+    vocab = parser.add_mutually_exclusive_group()
+    vocab.add_argument("--classes", help='comma-separated class names, e.g. "boat,water,sky"')
+    vocab.add_argument("--vocab", help="a text file with one class name per line")
+    vocab.add_argument("--dataset", help="a dataset's class list, e.g. a150, a847, c171")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m larvseg_jax.segment",
         description="Segment images with a trained LarvSeg-JAX model.",
     )
-    model = parser.add_argument_group("model (one of)")
-    model.add_argument("--workdir", help="training workdir: its latest checkpoint (or --step)")
-    model.add_argument("--step", type=int, help="checkpoint step in --workdir")
-    model.add_argument("--checkpoint", help="a checkpoint folder, <workdir>/checkpoints/<step>")
+    add_model_flags(parser)
     parser.add_argument(
         "--images", nargs="+", required=True, help="image files, folders and quoted globs"
     )
     parser.add_argument("--out", required=True, help="output folder (created)")
-    vocab = parser.add_mutually_exclusive_group()
-    vocab.add_argument("--classes", help='comma-separated class names, e.g. "boat,water,sky"')
-    vocab.add_argument("--vocab", help="a text file with one class name per line")
-    vocab.add_argument("--dataset", help="a dataset's class list, e.g. a150, a847, c171")
+    add_vocabulary_flags(parser)
     parser.add_argument("--attention", help="also write the CA attention map of this class")
     return parser.parse_args(argv)
 

@@ -20,17 +20,15 @@ from larvseg_jax.errors import ConfigError
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 
-def _config():
+def _config():  # the config of conftest.smoke_ca_run
     cfg = smoke.get_config()
     cfg.ca.enabled, cfg.ca.memory_size, cfg.ca.topk = True, 2, 4
     return cfg
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("segment_model")
-    train.train_and_evaluate(_config(), str(path), do_eval=False)
-    return path
+def workdir(smoke_ca_run):
+    return smoke_ca_run
 
 
 @pytest.fixture(scope="module")

@@ -29,25 +29,32 @@ def rescale_size(h: int, w: int, scale: tuple[float, float]) -> tuple[int, int]:
     return int(h * factor + 0.5), int(w * factor + 0.5)
 
 
-def resize_bilinear(image: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
-    """cv2.INTER_LINEAR-style resize (half-pixel centres, no antialiasing) of [H, W, C] uint8."""
+def bilinear_taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lower source index, upper source index, float32 weight of the upper) per output pixel
+    of a half-pixel-centred linear resize of one axis (cv2.INTER_LINEAR without antialiasing)."""
+    src = (np.arange(n_out, dtype=np.float32) + 0.5) * (n_in / n_out) - 0.5
+    src = np.clip(src, 0, n_in - 1)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    return lo, hi, (src - lo).astype(np.float32)
+
+
+def resize_bilinear(image: np.ndarray, new_h: int, new_w: int, xp=np) -> np.ndarray:
+    """cv2.INTER_LINEAR-style resize (half-pixel centres, no antialiasing) of [H, W, C] uint8.
+
+    `xp=jax.numpy` traces the same arithmetic into a jax program (the export), returning the
+    uint8 values as float32.
+    """
     h, w = image.shape[:2]
     if (h, w) == (new_h, new_w):
-        return image
-
-    def axis(n_out: int, n_in: int):
-        src = (np.arange(n_out, dtype=np.float32) + 0.5) * (n_in / n_out) - 0.5
-        src = np.clip(src, 0, n_in - 1)
-        lo = np.floor(src).astype(np.int64)
-        hi = np.minimum(lo + 1, n_in - 1)
-        return lo, hi, (src - lo).astype(np.float32)
-
-    y0, y1, wy = axis(new_h, h)
-    x0, x1, wx = axis(new_w, w)
-    img = image.astype(np.float32)
+        return image if xp is np else image.astype(xp.float32)
+    y0, y1, wy = bilinear_taps(new_h, h)
+    x0, x1, wx = bilinear_taps(new_w, w)
+    img = image.astype(xp.float32)
     top = img[y0] * (1 - wy)[:, None, None] + img[y1] * wy[:, None, None]
     out = top[:, x0] * (1 - wx)[None, :, None] + top[:, x1] * wx[None, :, None]
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    out = xp.clip(xp.rint(out), 0, 255)
+    return out.astype(np.uint8) if xp is np else out
 
 
 def resize_nearest(label: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
