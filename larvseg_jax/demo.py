@@ -198,7 +198,7 @@ PAGE = """<!doctype html>
  body {{ font: 15px system-ui, sans-serif; margin: 24px; color: #222; max-width: 1100px; }}
  #drop {{ border: 2px dashed #888; border-radius: 8px; padding: 18px; text-align: center; }}
  #drop.over {{ background: #eef; }}
- form > * {{ margin: 6px 0; }} input[type=text] {{ width: 100%; padding: 6px; }}
+ form > * {{ margin: 6px 0; }} input[type=text] {{ width: 100%; padding: 6px; box-sizing: border-box; }}
  #message {{ color: #b00; min-height: 1.2em; }}
  #result img {{ max-width: 100%; border: 1px solid #ccc; }}
  #legend {{ list-style: none; padding: 0; columns: 3; }}

@@ -102,14 +102,16 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
-# Test hook (tests/test_interrupt_phases.py): "<point>" makes the process send SIGINT to its own
-# process group, as a terminal's Ctrl-C does, when it reaches that point ("generate", "compile",
-# "save", "eval"), so each phase's handling is tested deterministically. Never set in normal use.
+# Test hook (tests/test_interrupt_phases.py): "<point>[:<SIGNAL>]" makes the process send the
+# signal (default SIGINT) to its own process group, as a terminal's Ctrl-C does, when it reaches
+# that point ("generate", "compile", "save", "eval"), so each phase's handling is tested
+# deterministically. Never set in normal use.
 SIGNAL_AT_ENV = "LARVSEG_TEST_SIGNAL_AT"
 
 
 def test_point(name: str) -> None:
-    """Sends the test's SIGINT if SIGNAL_AT_ENV names this point (first time only)."""
-    if os.environ.get(SIGNAL_AT_ENV) == name:
+    """Sends the test's signal if SIGNAL_AT_ENV names this point (first time only)."""
+    point, _, signame = os.environ.get(SIGNAL_AT_ENV, "").partition(":")
+    if point == name:
         del os.environ[SIGNAL_AT_ENV]
-        os.killpg(os.getpgrp(), signal.SIGINT)
+        os.killpg(os.getpgrp(), signal.Signals[signame or "SIGINT"])

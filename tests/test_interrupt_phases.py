@@ -115,6 +115,20 @@ def test_ctrl_c_during_evaluation_keeps_the_checkpoint_and_writes_no_report(runs
     assert not (workdir / "eval" / "step_2.json").exists()
 
 
+def test_sigkill_during_data_generation_then_the_same_command_completes(tmp_path):
+    (tmp_path / "world").mkdir()
+    args = ("--mode", "train", f"--config.data.dir={tmp_path / 'world'}")
+    code, out = _finish(_start(tmp_path / "run", *args, at="generate:SIGKILL"))
+    assert code == -signal.SIGKILL
+    left = os.listdir(tmp_path / "world")
+    assert len(left) == 1 and left[0].startswith(".synthetic_tmp_"), left  # never complete
+    code, out = _finish(_start(tmp_path / "run", *args))
+    assert code == 0, out[-3000:]
+    world = os.listdir(tmp_path / "world")  # the dead run's temporary is gone
+    assert len(world) == 1 and world[0].startswith("synthetic_v"), world
+    assert _checkpoints(tmp_path / "run")[-1] == "6"
+
+
 def test_sigterm_saves_at_the_next_step_boundary_and_exits_143(tmp_path):
     proc = _start(tmp_path, "--mode", "train", "--config.train.total_steps=10000")
     output = read_until(proc, "step 2/10000")

@@ -41,6 +41,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -291,6 +292,26 @@ def world_dir(root: str, knobs: Any) -> str:
     return os.path.join(root, f"synthetic_v{GENERATOR_VERSION}_{digest}")
 
 
+def _tmp_prefix() -> str:
+    return f".synthetic_tmp_{socket.gethostname()}_"
+
+
+def _remove_dead_temporaries(root: str) -> None:
+    """Deletes what killed generations on this host left (their process is gone); another live
+    run's temporary is left alone."""
+    prefix = _tmp_prefix()
+    for name in os.listdir(root):
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix) :].split("_")[0]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
+
+
 def ensure_synthetic(root: str, knobs: Any) -> str:
     """The data dir holding the four syn_* sources for `knobs`, generated once under `root`.
 
@@ -314,7 +335,8 @@ def ensure_synthetic(root: str, knobs: Any) -> str:
     logging.info(
         "generating the synthetic world (%d images, once for these knobs) in %s", count, final
     )
-    tmp = tempfile.mkdtemp(prefix=".synthetic_tmp_", dir=root)
+    _remove_dead_temporaries(root)
+    tmp = tempfile.mkdtemp(prefix=f"{_tmp_prefix()}{os.getpid()}_", dir=root)
     try:
         import tensorflow_datasets as tfds
 
