@@ -52,13 +52,14 @@ def fixtures_dir() -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def smoke_ca_run(tmp_path_factory) -> pathlib.Path:
-    """A workdir with the smoke config trained to its end with the CA-classifier (M=2, K=4):
-    a tiny LarvSeg model for the inference tests (segment, export)."""
+    """A workdir with the smoke config trained and evaluated to its end with the CA-classifier
+    (M=2, K=4): a tiny LarvSeg model for the inference tests (segment, export, demo) and the
+    attention panels of evaluation."""
     from configs import smoke
     from larvseg_jax import train
 
     cfg = smoke.get_config()
     cfg.ca.enabled, cfg.ca.memory_size, cfg.ca.topk = True, 2, 4
     path = tmp_path_factory.mktemp("smoke_ca_run")
-    train.train_and_evaluate(cfg, str(path), do_eval=False)
+    train.train_and_evaluate(cfg, str(path))
     return path

@@ -180,17 +180,9 @@ def test_unwritable_workdir_is_one_line_error(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_larvseg_run_writes_attention_panels(tmp_path):
-    run_main(
-        "--workdir",
-        str(tmp_path),
-        "--config.ca.enabled=True",
-        "--config.ca.memory_size=1",
-        "--config.ca.topk=4",
-        "--config.ca.warm_up=0",
-    )
-    assert (tmp_path / "eval" / "ca_attention_step_6.png").stat().st_size > 0
-    assert json.loads((tmp_path / "eval" / "step_6.json").read_text())["num_images"] == 4
+def test_larvseg_run_writes_attention_panels(smoke_ca_run):
+    assert (smoke_ca_run / "eval" / "ca_attention_step_6.png").stat().st_size > 0
+    assert json.loads((smoke_ca_run / "eval" / "step_6.json").read_text())["num_images"] == 4
 
 
 def test_library_bugs_keep_their_traceback_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
