@@ -9,6 +9,7 @@ go through this module.
 
 import dataclasses
 import difflib
+import functools
 import os
 import re
 from collections.abc import Sequence
@@ -76,13 +77,13 @@ class Predictor:
 
     def resolve(self, names: Sequence[str], where: str) -> tuple[str, ...]:
         """Checks and canonicalises requested class names: each must be a trained class;
-        ImageNet wnids (n02084071) stand for their class name.
+        an ImageNet wnid (n02084071) or any WordNet lemma of a synset ("domestic dog", spaces
+        or underscores) stands for its class.
 
         Raises:
           ConfigError naming `where`, the unknown names and the closest known ones.
         """
-        wnids = _wnid_names()
-        resolved = [wnids.get(n, n) if WNID.match(n) else n for n in (x.strip() for x in names)]
+        resolved = [_alias(n.strip(), self._rows) for n in names]
         catalog.check_names(resolved, where)
         unknown = [n for n in resolved if n not in self._rows]
         if unknown:
@@ -191,13 +192,41 @@ def read_rgb(source: str | bytes, max_pixels: int = 4096 * 4096 * 4) -> np.ndarr
         raise ImageError(f"not a readable image ({e})") from None
 
 
-def _wnid_names() -> dict[str, str]:
-    """ImageNet wnid -> class name over the catalog's ImageNet lists."""
-    out = {}
-    for name in ("i11k", "i585", "i124"):
-        keys, names = catalog.read_keys(f"{name}.txt"), catalog.read_names(f"{name}.txt")
-        out.update(zip(keys, names))
-    return out
+def _key(name: str) -> str:
+    """Spaces and underscores alike (ImageNet lists differ: "chest of drawers", "rock_climbing")."""
+    return name.strip().replace(" ", "_")
+
+
+@functools.cache
+def _imagenet_aliases() -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(wnid -> class-name key, lemma key -> wnids) over the catalog's ImageNet synsets.
+
+    Class names are each synset's first WordNet lemma; classes/imagenet_lemmas.txt holds all of
+    a synset's lemmas (classes/README.md).
+    """
+    names = {
+        w: _key(n) for w, n in zip(catalog.read_keys("i11k.txt"), catalog.read_names("i11k.txt"))
+    }
+    lemmas: dict[str, list[str]] = {}
+    for wnid, text in catalog.read_columns("imagenet_lemmas.txt"):
+        for lemma in text.split(","):
+            lemmas.setdefault(_key(lemma), []).append(wnid)
+    return names, lemmas
+
+
+def _alias(name: str, union: dict) -> str:
+    """A requested name as a trained class name: itself, or the class of an ImageNet wnid or
+    WordNet lemma (unchanged when none applies; the caller reports it)."""
+    if name in union:
+        return name
+    trained = {_key(n): n for n in union}
+    wnid_names, lemmas = _imagenet_aliases()
+    wnids = [name] if WNID.match(name) else lemmas.get(_key(name), [])
+    found = {w: trained[wnid_names[w]] for w in wnids if wnid_names.get(w) in trained}
+    if len(set(found.values())) > 1:
+        options = ", ".join(f"{w} ({n})" for w, n in sorted(found.items())[:6])
+        raise ConfigError(f"{name!r} is a lemma of several classes: {options}; give the wnid")
+    return next(iter(found.values()), trained.get(_key(name), name))
 
 
 def checkpoint_location(

@@ -13,9 +13,11 @@ the exit status is then 1.
 """
 
 import argparse
+import dataclasses
 import glob
 import os
 import sys
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -153,41 +155,54 @@ def summary(labels: np.ndarray, confidence: np.ndarray, names: tuple) -> list[di
     return sorted(rows, key=lambda r: -r["fraction"])
 
 
-def segment_file(
-    predictor: Predictor,
-    path: str,
-    stem: str,
-    out: str,
-    names: tuple,
-    index: np.ndarray,
-    colours: np.ndarray,
-    vocabulary_source: str,
-    attention: str | None,
-) -> dict:
-    """Writes one image's outputs (JSON last) and returns its JSON."""
-    rgb = read_rgb(path)
-    pred = predictor.segment(rgb, index)
-    dtype = np.uint8 if len(names) <= 256 else np.uint16
+@dataclasses.dataclass
+class Job:
+    """What to write for one image once its prediction is read back."""
+
+    path: str
+    stem: str
+    rgb: np.ndarray
+    logits: Any  # on the device, not yet synced
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """Where and over what vocabulary the outputs of a run go."""
+
+    out: str
+    names: tuple
+    index: np.ndarray
+    colours: np.ndarray
+    vocabulary_source: str
+    attention: str | None
+
+
+def write_outputs(predictor: Predictor, job: Job, o: Outputs) -> dict:
+    """Reads the prediction back, writes the image's files (JSON last) and returns its JSON."""
+    rgb, stem = job.rgb, job.stem
+    pred = predictor.finish(job.logits, rgb.shape[:2])
+    dtype = np.uint8 if len(o.names) <= 256 else np.uint16
     files = {"labels": f"{stem}_labels.png", "overlay": f"{stem}_overlay.png"}
-    _save_png(pred.labels.astype(dtype), os.path.join(out, files["labels"]))
-    _save_png(overlay(rgb, pred.labels, names, colours), os.path.join(out, files["overlay"]))
-    if attention is not None:
-        att = predictor.attention(rgb, index, names.index(attention))
+    _save_png(pred.labels.astype(dtype), os.path.join(o.out, files["labels"]))
+    picture = overlay(rgb, pred.labels, o.names, o.colours)
+    _save_png(picture, os.path.join(o.out, files["overlay"]))
+    if o.attention is not None:
+        att = predictor.attention(rgb, o.index, o.names.index(o.attention))
         heat = ca_visualize.heat(att).astype(np.float32)
         picture = (0.4 * rgb.astype(np.float32) + 0.6 * heat).round().astype(np.uint8)
-        files["attention"] = f"{stem}_attention_{_safe(attention)}.png"
-        _save_png(picture, os.path.join(out, files["attention"]))
+        files["attention"] = f"{stem}_attention_{_safe(o.attention)}.png"
+        _save_png(picture, os.path.join(o.out, files["attention"]))
     report = {
-        "image": os.path.abspath(path),
+        "image": os.path.abspath(job.path),
         "size": [int(rgb.shape[0]), int(rgb.shape[1])],
         "checkpoint": predictor.checkpoint,
         "step": predictor.step,
         "model": predictor.cfg.model.variant,
-        "vocabulary": {"source": vocabulary_source, "num_classes": len(names)},
-        "classes": summary(pred.labels, pred.confidence, names),
+        "vocabulary": {"source": o.vocabulary_source, "num_classes": len(o.names)},
+        "classes": summary(pred.labels, pred.confidence, o.names),
         "files": files,
     }
-    write_json_atomic(os.path.join(out, f"{stem}.json"), report)
+    write_json_atomic(os.path.join(o.out, f"{stem}.json"), report)
     return report
 
 
@@ -214,19 +229,32 @@ def run(argv: list[str]) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    index, colours = predictor.index(names), visualize.palette(names)
+    index = predictor.index(names)
+    outputs = Outputs(args.out, names, index, visualize.palette(names), source, attention)
     print(
-        f"segmenting {len(files)} image{'s' * (len(files) != 1)} with {predictor.checkpoint} over {len(names)} classes "
-        f"({source})",
+        f"segmenting {len(files)} image{'s' * (len(files) != 1)} with {predictor.checkpoint} "
+        f"over {len(names)} classes ({source})",
         file=sys.stderr,
     )
     progress = Progress("segment", len(files))
     failed = list(problems)
+    pending: Job | None = None
+    # One image in flight: the next image is decoded, resized and dispatched to the device
+    # before the previous one's prediction is read back and written.
     for path, stem in zip(files, output_stems(files)):
         try:
-            segment_file(predictor, path, stem, args.out, names, index, colours, source, attention)
+            rgb = read_rgb(path)
+            job = Job(path, stem, rgb, predictor.logits(rgb, index))
         except ImageError as e:
             failed.append(f"{path}: {e}")
+            progress.advance()
+            continue
+        if pending is not None:
+            write_outputs(predictor, pending, outputs)
+            progress.advance()
+        pending = job
+    if pending is not None:
+        write_outputs(predictor, pending, outputs)
         progress.advance()
     progress.close()
     for line in failed:

@@ -15,7 +15,7 @@ from PIL import Image
 from configs import smoke
 from larvseg_jax import checkpoint, evaluate, experiment, inference, segment, train
 from larvseg_jax.data import catalog, transforms
-from larvseg_jax.errors import ConfigError
+from larvseg_jax.errors import ConfigError, DataError
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
@@ -144,10 +144,23 @@ def test_vocabulary_and_checkpoint_mistakes_are_one_line(workdir, tmp_path, caps
     assert not os.listdir(tmp_path)
 
 
-def test_wnids_stand_for_their_imagenet_class(predictor):
+def test_wnids_and_wordnet_lemmas_stand_for_their_imagenet_class(predictor):
     names, wnids = catalog.read_names("i124.txt"), catalog.read_keys("i124.txt")
     imagenet = dataclasses.replace(predictor, union=names)
     assert imagenet.resolve([wnids[3], names[5]], "--classes") == (names[3], names[5])
+    got = imagenet.resolve(["passenger vehicle", "chest_of_drawers", "pillar"], "--classes")
+    assert got == ("bus", "chest of drawers", "column")  # any lemma, spaces or underscores
+    with pytest.raises(DataError, match="classes 1 and 2 are both named 'bus'"):
+        imagenet.resolve(["autobus", "bus"], "--classes")
+    with pytest.raises(ConfigError, match=r"'bike' is a lemma of several classes: .*bicycle"):
+        imagenet.resolve(["bike"], "--classes")
+
+
+def test_the_packaged_lemma_table_is_the_fixtures_rows_for_the_catalog_synsets():
+    fixture = set((FIXTURES / "classes" / "imagenet_synset_to_lemma.txt").read_text().splitlines())
+    packaged = (catalog.CLASSES_DIR / "imagenet_lemmas.txt").read_text().splitlines()
+    assert set(packaged) <= fixture
+    assert [line.split("\t")[0] for line in packaged] == list(catalog.read_keys("i11k.txt"))
 
 
 def test_attention_map_of_a_class(workdir, predictor, tmp_path, capsys):

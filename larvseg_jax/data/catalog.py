@@ -94,6 +94,11 @@ def read_names(classes_file: str, naming: str = "plain") -> tuple[str, ...]:
     return tuple(names)
 
 
+def read_columns(classes_file: str) -> list[list[str]]:
+    """Every line of a classes/ file split at tabs."""
+    return _columns(classes_file)
+
+
 def read_keys(classes_file: str) -> tuple[str, ...]:
     """The first column of a two-column classes/ file: ImageNet wnids or COCO category ids."""
     return tuple(cols[0] for cols in _columns(classes_file))
