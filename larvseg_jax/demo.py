@@ -28,6 +28,8 @@ from larvseg_jax.errors import UserError
 from larvseg_jax.inference import ImageError, Predictor, load, read_rgb
 from larvseg_jax.segment import add_model_flags, overlay, summary
 
+DISCARD_LIMIT = 1 << 30  # bytes of a refused upload read and dropped before answering
+
 
 class RequestError(Exception):
     """A refused request: HTTP status and a message for the page."""
@@ -136,6 +138,18 @@ def make_handler(demo: Demo):
             self.end_headers()
             self.wfile.write(body)
 
+        def _discard(self, length: int) -> None:
+            """Reads and drops a refused body (a client still sending it would otherwise see
+            a broken connection instead of the message); past DISCARD_LIMIT, hangs up."""
+            if length > DISCARD_LIMIT:
+                self.close_connection = True
+                return
+            while length > 0:
+                chunk = self.rfile.read(min(length, 1 << 20))
+                if not chunk:
+                    break
+                length -= len(chunk)
+
         def do_GET(self):
             if self.path in ("/", "/index.html"):
                 self._send(200, demo.page().encode(), "text/html; charset=utf-8")
@@ -148,7 +162,7 @@ def make_handler(demo: Demo):
                     raise RequestError(404, "not found")
                 length = int(self.headers.get("Content-Length") or 0)
                 if length > demo.max_upload_bytes:
-                    self.close_connection = True  # the body is not read
+                    self._discard(length)
                     raise RequestError(
                         413,
                         f"that file is {length / 1e6:.1f} MB; this demo takes up to "
