@@ -165,6 +165,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.eval.crop_size = 64  # sliding window (512)
     cfg.eval.stride = 64  # sliding stride (512)
     cfg.eval.max_images = -1  # -1 = the whole split
+    # Windows per model call and device: the windows of consecutive images share one batch, so
+    # evaluation compiles one model program whatever the image sizes (see larvseg_jax/slide.py).
+    cfg.eval.batch_windows = 8
     # mIoU per frequency bucket of the training images that carry each class (counted by the
     # converter for the eval set's frequency source, e.g. wa150 for a150): rare = at most 10
     # images, common = 11..100, frequent = more than 100 (the LVIS convention).

@@ -9,187 +9,30 @@ One departure from mmseg's mIoU: a class absent from the whole evaluation ground
 IoU 0. Its per-class IoU is still reported (0 when predicted). The means are identical to mmseg's
 whenever every class occurs, as in A150 validation; the JSON lists the absent classes.
 
-Evaluation runs image by image, round-robin over the local devices (asynchronous dispatch lets
-them overlap) and, in a multi-process run, over processes, whose integer histograms are summed
-exactly before the report; the result is bit-identical to one device's.
+Inference runs through `slide.SlideRunner`: windows of consecutive images batched per device,
+images round-robin over the local devices and, in a multi-process run, over processes, whose
+integer histograms are summed exactly before the report; the result is bit-identical to one
+device's.
 """
 
-import collections
-import functools
 import itertools
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax import lax
 from jax.experimental import multihost_utils
 
-from larvseg_jax import interrupts, visualize
-from larvseg_jax.interp import resize_bilinear
+from larvseg_jax import interrupts, slide, visualize
 from larvseg_jax.jsonfile import write_json_atomic
 from larvseg_jax.progress import Progress
 from larvseg_jax.vocab import IGNORE
 
-# [1, h, w, 3] -> mask-normed logits [1, h', w', N], computed on the device that holds the images.
-PredictFn = Callable[[jax.Array], jax.Array]
 # Training-image counts that bin the classes: at most 10 images is rare, 11..100 common, more
 # than 100 frequent (the LVIS convention).
 BUCKET_THRESHOLDS = (10, 100)
 BUCKETS = ("rare", "common", "frequent")
-
-
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    return (int(v), int(v)) if np.isscalar(v) else (int(v[0]), int(v[1]))
-
-
-def slide_windows(
-    height: int, width: int, crop: int | Sequence[int], stride: int | Sequence[int]
-) -> list[tuple[int, int, int, int]]:
-    """Sliding-window grid of mmseg's `slide_inference` (SPEC 7.2).
-
-    The last window of each axis is shifted back to end at the border, so windows overlap only
-    there; a side shorter than the crop gives one window of that side's length.
-
-    Args:
-      height, width: image size H, W.
-      crop: window size, int or (h, w).
-      stride: window step, int or (h, w).
-
-    Returns:
-      [(y1, y2, x1, x2)] in row-major order.
-    """
-    (crop_h, crop_w), (stride_h, stride_w) = _pair(crop), _pair(stride)
-    n_h = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
-    n_w = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
-    windows = []
-    for i in range(n_h):
-        for j in range(n_w):
-            y2 = min(i * stride_h + crop_h, height)
-            x2 = min(j * stride_w + crop_w, width)
-            windows.append((max(y2 - crop_h, 0), y2, max(x2 - crop_w, 0), x2))
-    return windows
-
-
-@functools.partial(jax.jit, static_argnames=("hw",))
-def _crop(image: jax.Array, y1: jax.Array, x1: jax.Array, *, hw: tuple[int, int]) -> jax.Array:
-    # Dynamic offsets: one compilation per window size, not per window position.
-    return lax.dynamic_slice(image, (y1, x1, 0), (*hw, image.shape[-1]))[None]
-
-
-@functools.partial(jax.jit, static_argnames=("hw",), donate_argnums=(0, 1))
-def _accumulate(acc, count, logits, y1, x1, *, hw):
-    up = resize_bilinear(logits[0], hw)  # [h, w, N]
-    start = (y1, x1, 0)
-    acc = lax.dynamic_update_slice(acc, lax.dynamic_slice(acc, start, up.shape) + up, start)
-    cnt = lax.dynamic_slice(count, (y1, x1), hw) + 1.0
-    return acc, lax.dynamic_update_slice(count, cnt, (y1, x1))
-
-
-@jax.jit
-def _divide(acc, count):
-    return acc / count[..., None]
-
-
-@functools.partial(jax.jit, static_argnames=("hw",))
-def _resize_one(logits, *, hw):
-    return resize_bilinear(logits[0], hw)
-
-
-def _checked(logits: jax.Array, num_classes: int) -> jax.Array:
-    if logits.ndim != 4 or logits.shape[0] != 1 or logits.shape[-1] != num_classes:
-        raise ValueError(f"predict_fn must return [1, h, w, {num_classes}], got {logits.shape}")
-    return logits
-
-
-def slide_inference(
-    predict_fn: PredictFn,
-    image: np.ndarray | jax.Array,
-    *,
-    num_classes: int,
-    crop: int | Sequence[int],
-    stride: int | Sequence[int],
-    mode: str = "slide",
-    device: jax.Device | None = None,
-) -> jax.Array:
-    """Logits for one image at its (resized) input size, by sliding windows or one whole pass.
-
-    Each window's logits are bilinearly resized to the window size, summed into an on-device
-    accumulator and divided by the per-pixel window count (SPEC 7.2). Windows smaller than the crop
-    (image side < crop) go to `predict_fn` as they are.
-
-    Args:
-      predict_fn: jitted model call, images [1, h, w, 3] -> mask-normed logits [1, h', w', N]
-        at the feature resolution.
-      image: float32 [H, W, 3], already resized and normalised.
-      num_classes: N.
-      crop, stride: window size and step, int or (h, w); unused in whole mode.
-      mode: "slide" or "whole" (one forward over the full image).
-      device: where the image goes and every step runs (jitted calls follow their committed
-        inputs); None = the default device.
-
-    Returns:
-      float32 [H, W, N] logits, on `device`; nothing is pulled to the host, so the caller can
-      dispatch the next image to another device at once.
-    """
-    image = jnp.asarray(jax.device_put(image, device), jnp.float32)
-    height, width = image.shape[:2]
-    if mode == "whole":
-        return _resize_one(_checked(predict_fn(image[None]), num_classes), hw=(height, width))
-    if mode != "slide":
-        raise ValueError(f"mode must be 'slide' or 'whole', got {mode!r}")
-    acc = jnp.zeros((height, width, num_classes), jnp.float32, device=device)
-    count = jnp.zeros((height, width), jnp.float32, device=device)
-    for y1, y2, x1, x2 in slide_windows(height, width, crop, stride):
-        hw = (y2 - y1, x2 - x1)
-        logits = _checked(predict_fn(_crop(image, y1, x1, hw=hw)), num_classes)
-        acc, count = _accumulate(acc, count, logits.astype(jnp.float32), y1, x1, hw=hw)
-    return _divide(acc, count)
-
-
-@functools.partial(jax.jit, static_argnames=("out_hw", "chunk"))
-def _resize_argmax(logits, *, out_hw, chunk):
-    n = logits.shape[-1]
-    if chunk >= n:
-        return jnp.argmax(resize_bilinear(logits, out_hw), axis=-1).astype(jnp.int32)
-
-    # Class chunks bound the [H0, W0, N] resize buffer (A847 at full size). Bilinear acts per
-    # channel, so a running max over chunks equals the argmax of the full resize; the last chunk
-    # is clamped to end at N, and the strict ">" keeps the first maximal index as jnp.argmax does.
-    def body(i, carry):
-        best, idx = carry
-        start = jnp.minimum(i * chunk, n - chunk)
-        up = resize_bilinear(lax.dynamic_slice_in_dim(logits, start, chunk, axis=-1), out_hw)
-        better = up.max(-1) > best
-        arg = up.argmax(-1).astype(jnp.int32) + start
-        return jnp.where(better, up.max(-1), best), jnp.where(better, arg, idx)
-
-    init = (jnp.full(out_hw, -jnp.inf, logits.dtype), jnp.zeros(out_hw, jnp.int32))
-    return lax.fori_loop(0, -(-n // chunk), body, init)[1]
-
-
-def predict_labels(
-    logits: jax.Array, out_hw: Sequence[int], *, max_elements: int = 2**28
-) -> jax.Array:
-    """Resizes logits to the original image size, then takes the argmax (SPEC 7.2).
-
-    The official code applies a softmax first; it does not change the argmax, so it is skipped.
-
-    Args:
-      logits: [H, W, N] from `slide_inference`.
-      out_hw: original (H0, W0).
-      max_elements: above H0 * W0 * N elements the resize runs over class chunks so the full
-        resized tensor is never held at once (the official code moves it to the CPU instead).
-
-    Returns:
-      int32 [H0, W0] on device.
-    """
-    out_hw = (int(out_hw[0]), int(out_hw[1]))
-    n = logits.shape[-1]
-    chunk = max(1, min(n, max_elements // max(out_hw[0] * out_hw[1], 1)))
-    return _resize_argmax(logits, out_hw=out_hw, chunk=chunk)
 
 
 def class_histograms(
@@ -372,7 +215,7 @@ def _sum_over_processes(x: np.ndarray) -> np.ndarray:
 
 
 def run_evaluation(
-    predict_fn: PredictFn,
+    predict_fn: slide.PredictFn,
     dataset: Iterable[Mapping],
     *,
     class_names: Sequence[str],
@@ -387,6 +230,7 @@ def run_evaluation(
     palette: np.ndarray | None = None,
     progress: bool = True,
     devices: Sequence[jax.Device] | None = None,
+    batch_windows: int = 8,
     class_counts: Mapping[str, int] | None = None,
     frequency_source: str = "",
     frequency_note: str = "",
@@ -394,18 +238,17 @@ def run_evaluation(
 ) -> dict:
     """Evaluates `predict_fn` over a dataset and writes `out_dir/step_<step>.json` (SPEC 7).
 
-    Image i of this process goes to devices[i % n]; two images per device are in flight, so a
-    device computes while the host reads back an earlier image and decodes the next. Process p
-    of P takes images p, p + P, ...; the integer histograms are summed over processes, every
-    process returns the report and process 0 writes it.
+    Image i of this process goes to devices[i % n], whose windows are batched with those of the
+    device's next images (`slide.SlideRunner`); the host reads a prediction back once later work
+    is queued on its device. Process p of P takes images p, p + P, ...; the integer histograms
+    are summed over processes, every process returns the report and process 0 writes it.
 
     Args:
-      predict_fn: see `slide_inference`; it must run on the device that holds its input (a
-        jitted function with no committed arguments elsewhere does).
+      predict_fn: see `slide.PredictFn`.
       dataset: iterable of {"image": float32 [H, W, 3] resized and normalised, "label": int32
         [H0, W0] original-size GT (ignore -1), "raw": uint8 [H0, W0, 3], "id": str}.
       class_names, base_names, novel_names: see `miou_report`.
-      crop, stride, mode: see `slide_inference`.
+      crop, stride, mode: see `slide.slide_inference`.
       step: training step, names the JSON file.
       out_dir: directory for the JSON (created if missing).
       num_panels: how many input | GT | prediction panels to return (this process's first
@@ -413,6 +256,7 @@ def run_evaluation(
       palette: uint8 [N, 3]; `visualize.palette(class_names)` when None.
       progress: report progress with rate and ETA (a bar on a terminal, else log lines).
       devices: where images go, round-robin; default all local devices.
+      batch_windows: windows per model call and device.
       class_counts: training images per class name, for the frequency buckets; None = none.
       frequency_source: the training source the counts come from (written in the JSON).
       frequency_note: why there are no counts (written when class_counts is None).
@@ -423,7 +267,6 @@ def run_evaluation(
       "frequency", and "frequency_note" when "frequency" is null) and "panels": a list of uint8
       [s * H0 + legend rows, 3 * s * W0, 3] (see `visualize.panel`).
     """
-    devices = list(jax.local_devices() if devices is None else devices)
     num_classes = len(class_names)
     totals = np.zeros((3, num_classes), np.int64)
     colours = visualize.palette(class_names) if palette is None else palette
@@ -431,35 +274,29 @@ def run_evaluation(
     share = _process_share(dataset, jax.process_index(), jax.process_count())
     size = len(share) if hasattr(share, "__len__") else None
     log = Progress(f"eval step {step}", size, enabled=progress)
-    pending: collections.deque = collections.deque()
+    runner = slide.SlideRunner(
+        predict_fn,
+        num_classes=num_classes,
+        crop=crop,
+        stride=stride,
+        mode=mode,
+        batch=batch_windows,
+        devices=devices,
+    )
 
-    def finish(gt, pred, raw):
-        nonlocal totals
-        pred = np.asarray(pred)  # the only device-to-host transfer of an image
+    def items():
+        for i, example in enumerate(share):
+            interrupts.test_point("eval")
+            interrupts.check()
+            gt = np.asarray(example["label"])
+            raw = example["raw"] if i < num_panels else None
+            yield (gt, raw), example["image"], gt.shape
+
+    for (gt, raw), pred, _ in runner.run(items()):
         totals += np.stack(class_histograms(pred, gt, num_classes))
         if raw is not None:
             panels.append(visualize.panel(raw, gt, pred, colours, class_names))
         log.advance()
-
-    for i, example in enumerate(share):
-        interrupts.test_point("eval")
-        interrupts.check()
-        gt = np.asarray(example["label"])
-        logits = slide_inference(
-            predict_fn,
-            example["image"],
-            num_classes=num_classes,
-            crop=crop,
-            stride=stride,
-            mode=mode,
-            device=devices[i % len(devices)],
-        )
-        raw = example["raw"] if i < num_panels else None
-        pending.append((gt, predict_labels(logits, gt.shape), raw))
-        if len(pending) >= 2 * len(devices):
-            finish(*pending.popleft())
-    while pending:
-        finish(*pending.popleft())
     log.close()
     summed = _sum_over_processes(np.append(totals.ravel(), log.done))
     (intersect, pred_area, gt_area), num_images = summed[:-1].reshape(3, -1), int(summed[-1])

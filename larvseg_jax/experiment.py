@@ -56,6 +56,7 @@ class LoopSettings:
     eval_crop: int
     eval_stride: int
     eval_max_images: int
+    eval_batch_windows: int  # windows per model call and device
     eval_frequency_buckets: tuple[int, int]  # (rare_max, common_max) training images
     num_panels: int
 
@@ -209,7 +210,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         f"train.checkpoint_every_steps={every} (only saved steps can be kept)",
     )
     _one_of(cfg.eval.mode, EVAL_MODES, "eval.mode")
-    for key in ("short_side", "crop_size", "stride"):
+    for key in ("short_side", "crop_size", "stride", "batch_windows"):
+        _int(cfg.eval[key], f"eval.{key}")
         _check(cfg.eval[key] >= 1, f"eval.{key} must be >= 1")
     buckets = tuple(cfg.eval.frequency_buckets)
     _check(
@@ -351,6 +353,7 @@ def loop_settings(cfg: ml_collections.ConfigDict) -> LoopSettings:
         eval_crop=cfg.eval.crop_size,
         eval_stride=cfg.eval.stride,
         eval_max_images=cfg.eval.max_images,
+        eval_batch_windows=cfg.eval.batch_windows,
         eval_frequency_buckets=tuple(int(t) for t in cfg.eval.frequency_buckets),
         num_panels=cfg.eval.num_panels,
     )

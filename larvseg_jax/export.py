@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from larvseg_jax import evaluate, exported, interp
+from larvseg_jax import exported, slide
 from larvseg_jax.data import transforms
 from larvseg_jax.errors import UserError
 from larvseg_jax.inference import Predictor, load
@@ -44,7 +44,7 @@ def inference_function(predictor: Predictor, index: np.ndarray, image_size: tupl
         def predict_fn(images):
             return predictor.model.apply({"params": params}, images, index, train=False)[0]
 
-        logits = evaluate.slide_inference(
+        logits = slide.slide_inference(
             predict_fn,
             image,
             num_classes=len(index),
@@ -52,9 +52,7 @@ def inference_function(predictor: Predictor, index: np.ndarray, image_size: tupl
             stride=int(cfg.eval.stride),
             mode=cfg.eval.mode,
         )
-        labels = evaluate.predict_labels(logits, (h0, w0))
-        confidence = jax.nn.softmax(logits, axis=-1).max(-1)[..., None]
-        return labels, interp.resize_bilinear(confidence, (h0, w0))[..., 0]
+        return slide.resize_to_labels(logits, (h0, w0), confidence=True)
 
     def fn(weights, images):
         params = jax.tree.unflatten(treedef, weights)

@@ -12,7 +12,7 @@ import difflib
 import functools
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from larvseg_jax import ca_visualize, evaluate, experiment, interp
+from larvseg_jax import ca_visualize, experiment, interp, slide
 from larvseg_jax.ca_classifier import CASettings
 from larvseg_jax.data import catalog, transforms
 from larvseg_jax.errors import ConfigError, MissingError
@@ -57,7 +57,8 @@ class Predictor:
     bank: Any  # one CA group's memory bank (no group axis), or None without the CA-classifier
     ca: CASettings
     max_labels: int
-    device: Any
+    device: Any  # holds the restored state; attention maps run here
+    devices: list  # images go round-robin over these
 
     def __post_init__(self):
         self._rows = {name: i for i, name in enumerate(self.union)}
@@ -66,11 +67,8 @@ class Predictor:
         def predict(params, index, images):
             return self.model.apply({"params": params}, images, index, train=False)[0]
 
-        @jax.jit
-        def confidence(logits):
-            return jax.nn.softmax(logits, axis=-1).max(-1)
-
-        self._predict, self._confidence = predict, confidence
+        self._predict = predict
+        self._replicas = {self.device: self.params}
         self._attention = None
 
     # ---- vocabulary ----
@@ -110,33 +108,50 @@ class Predictor:
         new_h, new_w = transforms.rescale_size(h, w, (4 * short, short))
         return transforms.normalize(transforms.resize_bilinear(rgb, new_h, new_w))
 
-    def logits(self, rgb: np.ndarray, index: np.ndarray) -> jax.Array:
-        """[H, W, N] logits at the evaluation input size, left on the device (not synced)."""
-        index = jax.device_put(np.asarray(index, np.int32), self.device)
+    def _params_on(self, device) -> Any:
+        if device not in self._replicas:
+            self._replicas[device] = jax.device_put(self.params, device)
+        return self._replicas[device]
+
+    def runner(self, index: np.ndarray, full_batches: bool = True) -> slide.SlideRunner:
+        """Evaluation's sliding-window runner over the classes of `index`, on `devices` (see
+        `slide.SlideRunner` for `full_batches`)."""
+        index = np.asarray(index, np.int32)
+        on_device = {d: (self._params_on(d), jax.device_put(index, d)) for d in self.devices}
 
         def predict_fn(images):
-            return self._predict(self.params, index, images)
+            return self._predict(*on_device[images.device], images)
 
-        return evaluate.slide_inference(
+        return slide.SlideRunner(
             predict_fn,
-            self._input(rgb),
             num_classes=len(index),
             crop=int(self.cfg.eval.crop_size),
             stride=int(self.cfg.eval.stride),
             mode=self.cfg.eval.mode,
-            device=self.device,
+            batch=int(self.cfg.eval.get("batch_windows", 8)),
+            devices=self.devices,
+            confidence=True,
+            full_batches=full_batches,
         )
 
-    def finish(self, logits: jax.Array, out_hw: Sequence[int]) -> Prediction:
-        """Labels and confidence at the original size `out_hw` (this is the host sync)."""
-        labels = evaluate.predict_labels(logits, out_hw)
-        conf = self._confidence(logits)[..., None]
-        conf = interp.resize_bilinear(conf, tuple(int(x) for x in out_hw))[..., 0]
-        return Prediction(np.asarray(labels), np.asarray(conf, np.float32))
+    def segment_many(
+        self, images: Iterable[tuple[Any, np.ndarray]], index: np.ndarray
+    ) -> Iterator[tuple[Any, Prediction]]:
+        """(tag, uint8 RGB [H0, W0, 3]) -> (tag, Prediction), in order: the predictions
+        evaluation scores. Windows of consecutive images share model calls and images go
+        round-robin over `devices`."""
+        yield from self._segment(images, index, full_batches=True)
 
     def segment(self, rgb: np.ndarray, index: np.ndarray) -> Prediction:
-        """Segments uint8 RGB [H0, W0, 3] over the classes of `index` (see `index`)."""
-        return self.finish(self.logits(rgb, index), rgb.shape[:2])
+        """Segments one uint8 RGB [H0, W0, 3] over the classes of `index` (see `index`) with
+        as few model calls as its windows need (interactive use; see `segment_many`)."""
+        ((_, prediction),) = self._segment([(None, rgb)], index, full_batches=False)
+        return prediction
+
+    def _segment(self, images, index, full_batches):
+        items = ((tag, self._input(rgb), rgb.shape[:2]) for tag, rgb in images)
+        for tag, labels, confidence in self.runner(index, full_batches).run(items):
+            yield tag, Prediction(labels, confidence)
 
     def attention(self, rgb: np.ndarray, index: np.ndarray, class_id: int) -> np.ndarray:
         """The CA-classifier's attention map (SPEC 2.4) of class `class_id` (an id into `index`)
@@ -264,11 +279,13 @@ def load(
     *,
     step: int | None = None,
     checkpoint: str | None = None,
-    device: Any = None,
+    devices: Sequence[Any] | None = None,
 ) -> Predictor:
-    """Restores a checkpoint and its config onto one device (default: the first)."""
+    """Restores a checkpoint and its config onto the first of `devices` (default: the local
+    ones); predictions go round-robin over all of them."""
     directory, step = checkpoint_location(workdir, step, checkpoint)
-    device = device or jax.local_devices()[0]
+    devices = list(jax.local_devices() if devices is None else devices)
+    device = devices[0]
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -304,4 +321,5 @@ def load(
         ca=settings.ca,
         max_labels=settings.max_labels,
         device=device,
+        devices=devices,
     )

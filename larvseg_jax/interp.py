@@ -17,22 +17,46 @@ import numpy as np
 _CUBIC_A = -0.75  # PyTorch's bicubic coefficient
 
 
-@functools.lru_cache(maxsize=256)
-def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] weights of PyTorch's 1-D linear interpolation (half-pixel, clamped)."""
+def _bilinear_source(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PyTorch's 1-D linear interpolation (half-pixel, clamped): (i0, i1, lam) per output index."""
     scale = n_in / n_out
     src = (np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5
     # PyTorch clamps negative source coordinates to 0 for linear modes (not for cubic).
     src = np.maximum(src, 0.0)
-    i0 = np.floor(src).astype(np.int64)
-    i0 = np.minimum(i0, n_in - 1)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
-    lam = src - i0
+    return i0, i1, src - i0
+
+
+@functools.lru_cache(maxsize=256)
+def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] weights of PyTorch's 1-D linear interpolation (half-pixel, clamped)."""
+    i0, i1, lam = _bilinear_source(n_in, n_out)
     m = np.zeros((n_out, n_in), np.float64)
     rows = np.arange(n_out)
     np.add.at(m, (rows, i0), 1.0 - lam)
     np.add.at(m, (rows, i1), lam)  # i1 == i0 at the last row: both weights land on one pixel
     return m
+
+
+@functools.lru_cache(maxsize=256)
+def bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, ...]:
+    """The two nonzero entries per row of `_bilinear_matrix`: int32 (i0, i1), float32 (w0, w1).
+
+    Gathering two taps per axis resizes to any size in O(output) work with index arrays as
+    data, so one compiled program serves every output size (see `slide`). Where i0 == i1 the
+    summed weight sits in w0 and w1 is 0, as in the matrix.
+    """
+    i0, i1, lam = _bilinear_source(n_in, n_out)
+    same = i0 == i1
+    w0 = np.where(same, (1.0 - lam) + lam, 1.0 - lam)
+    w1 = np.where(same, 0.0, lam)
+    return (
+        i0.astype(np.int32),
+        i1.astype(np.int32),
+        w0.astype(np.float32),
+        w1.astype(np.float32),
+    )
 
 
 def _cubic_weights(t: np.ndarray) -> np.ndarray:

@@ -17,14 +17,13 @@ import dataclasses
 import glob
 import os
 import sys
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from larvseg_jax import ca_visualize, visualize
 from larvseg_jax.errors import UserError
-from larvseg_jax.inference import ImageError, Predictor, load, read_rgb
+from larvseg_jax.inference import ImageError, Prediction, Predictor, load, read_rgb
 from larvseg_jax.jsonfile import write_json_atomic
 from larvseg_jax.progress import Progress
 
@@ -157,12 +156,11 @@ def summary(labels: np.ndarray, confidence: np.ndarray, names: tuple) -> list[di
 
 @dataclasses.dataclass
 class Job:
-    """What to write for one image once its prediction is read back."""
+    """One readable image and where its outputs go."""
 
     path: str
     stem: str
     rgb: np.ndarray
-    logits: Any  # on the device, not yet synced
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,10 +175,9 @@ class Outputs:
     attention: str | None
 
 
-def write_outputs(predictor: Predictor, job: Job, o: Outputs) -> dict:
-    """Reads the prediction back, writes the image's files (JSON last) and returns its JSON."""
+def write_outputs(predictor: Predictor, job: Job, pred: Prediction, o: Outputs) -> dict:
+    """Writes the image's files (JSON last) and returns its JSON."""
     rgb, stem = job.rgb, job.stem
-    pred = predictor.finish(job.logits, rgb.shape[:2])
     dtype = np.uint8 if len(o.names) <= 256 else np.uint16
     files = {"labels": f"{stem}_labels.png", "overlay": f"{stem}_overlay.png"}
     _save_png(pred.labels.astype(dtype), os.path.join(o.out, files["labels"]))
@@ -238,23 +235,21 @@ def run(argv: list[str]) -> int:
     )
     progress = Progress("segment", len(files))
     failed = list(problems)
-    pending: Job | None = None
-    # One image in flight: the next image is decoded, resized and dispatched to the device
-    # before the previous one's prediction is read back and written.
-    for path, stem in zip(files, output_stems(files)):
-        try:
-            rgb = read_rgb(path)
-            job = Job(path, stem, rgb, predictor.logits(rgb, index))
-        except ImageError as e:
-            failed.append(f"{path}: {e}")
-            progress.advance()
-            continue
-        if pending is not None:
-            write_outputs(predictor, pending, outputs)
-            progress.advance()
-        pending = job
-    if pending is not None:
-        write_outputs(predictor, pending, outputs)
+
+    def readable():
+        for path, stem in zip(files, output_stems(files)):
+            try:
+                rgb = read_rgb(path)
+            except ImageError as e:
+                failed.append(f"{path}: {e}")
+                progress.advance()
+                continue
+            yield Job(path, stem, rgb), rgb
+
+    # Evaluation's runner: windows of consecutive images share model calls, images go
+    # round-robin over the devices, and the next images are decoded while they compute.
+    for job, pred in predictor.segment_many(readable(), index):
+        write_outputs(predictor, job, pred, outputs)
         progress.advance()
     progress.close()
     for line in failed:

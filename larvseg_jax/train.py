@@ -24,6 +24,7 @@ from larvseg_jax import (
     groups,
     interrupts,
     sharding,
+    slide,
     tb_writer,
     visualize,
 )
@@ -185,13 +186,13 @@ def _local_value(x: Any) -> Any:
     return x
 
 
-def make_predict_fn(setup: Setup, params: Any, devices: Any = None) -> evaluate.PredictFn:
-    """Jitted images [1, h, w, 3] -> eval-vocabulary logits [1, h', w', N], computed on the
+def make_predict_fn(setup: Setup, params: Any, devices: Any = None) -> slide.PredictFn:
+    """Jitted images [B, h, w, 3] -> eval-vocabulary logits [B, h', w', N], computed on the
     device that holds the images.
 
     Params and the class index are copied once to each of `devices` (default: the local ones),
-    so the round-robin of `evaluate.run_evaluation` moves only images. One jitted function: its
-    programs are per window shape and device, never per image.
+    so the round-robin of `slide.SlideRunner` moves only windows. One jitted function: its
+    programs are per window batch shape and device, never per image.
     """
     devices = jax.local_devices() if devices is None else list(devices)
     params = jax.tree.map(_local_value, params)
@@ -255,6 +256,7 @@ def run_eval(setup: Setup, state: TrainState, step: int, writer: Any) -> dict:
         frequency_source=frequency_source,
         frequency_note=note,
         bucket_thresholds=loop.eval_frequency_buckets,
+        batch_windows=loop.eval_batch_windows,
     )
     panels = report.pop("panels", [])
     scalars = {k: report[k] for k in ("miou", "miou_base", "miou_novel", "hiou", "pixel_acc")}

@@ -8,12 +8,13 @@ import os
 import pathlib
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from configs import smoke
-from larvseg_jax import checkpoint, evaluate, experiment, inference, segment, train
+from larvseg_jax import checkpoint, experiment, inference, segment, slide, train
 from larvseg_jax.data import catalog, transforms
 from larvseg_jax.errors import ConfigError, DataError
 
@@ -94,18 +95,27 @@ def test_the_prediction_is_the_one_evaluation_scores(workdir, predictor):
     rgb = inference.read_rgb(str(FIXTURES / "images" / "coffee.png"))
     example = {"image": rgb, "label": np.zeros(rgb.shape[:2], np.int32), "class_id": -1, "id": ""}
     image = transforms.EvalResize(cfg.eval.short_side).map(example)["image"]
-    logits = evaluate.slide_inference(
+    runner = slide.SlideRunner(  # as evaluate.run_evaluation runs it
+        train.make_predict_fn(setup, state.params),
+        num_classes=len(setup.voc.eval_names),
+        crop=cfg.eval.crop_size,
+        stride=cfg.eval.stride,
+        mode=cfg.eval.mode,
+        batch=cfg.eval.batch_windows,
+    )
+    ((_, want, _),) = runner.run([(None, image, rgb.shape[:2])])
+    ((_, got),) = predictor.segment_many([(None, rgb)], predictor.index(predictor.default_names))
+    np.testing.assert_array_equal(got.labels, want)
+    # and the per-image reference path (SPEC 7.2) up to float rounding near ties
+    logits = slide.slide_inference(
         train.make_predict_fn(setup, state.params),
         image,
         num_classes=len(setup.voc.eval_names),
         crop=cfg.eval.crop_size,
         stride=cfg.eval.stride,
-        mode=cfg.eval.mode,
-        device=predictor.device,
     )
-    want = np.asarray(evaluate.predict_labels(logits, rgb.shape[:2]))
-    got = predictor.segment(rgb, predictor.index(predictor.default_names))
-    np.testing.assert_array_equal(got.labels, want)
+    reference = np.asarray(slide.resize_to_labels(logits, rgb.shape[:2])[0])
+    assert np.mean(reference == got.labels) > 0.999
 
 
 def test_a_class_subset_restricts_the_prediction(workdir, tmp_path, capsys):
@@ -202,3 +212,20 @@ def test_bad_files_are_named_and_skipped_and_the_exit_status_says_so(workdir, tm
         "astronaut_labels.png",
         "astronaut_overlay.png",
     ]
+
+
+def test_images_batched_over_two_devices_equal_one_image_at_a_time(workdir, predictor):
+    """segment_many packs the windows of consecutive images into one model call per device;
+    the labels do not depend on the device count or on which images share a call."""
+    names = ("grace_hopper.jpg", "chelsea.png", "coffee.png", "camera.png", "astronaut.png")
+    photos = [inference.read_rgb(str(FIXTURES / "images" / n)) for n in names]
+    index = predictor.index(predictor.default_names)
+    two = inference.load(str(workdir), devices=jax.local_devices()[:2])
+    batched = list(two.segment_many(enumerate(photos), index))
+    assert [i for i, _ in batched] == list(range(len(photos)))
+    for (_, got), rgb in zip(batched, photos, strict=True):
+        ((_, want),) = predictor.segment_many([(None, rgb)], index)  # alone, on 8 devices
+        np.testing.assert_array_equal(got.labels, want.labels)
+        np.testing.assert_array_equal(got.confidence, want.confidence)
+        interactive = predictor.segment(rgb, index)  # a smaller model call for its windows
+        assert np.mean(interactive.labels == got.labels) > 0.9999
