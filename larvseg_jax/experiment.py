@@ -281,7 +281,10 @@ def ca_settings(cfg: ml_collections.ConfigDict) -> CASettings | None:
     if not cfg.ca.enabled:
         return None
     fields = {f.name for f in dataclasses.fields(CASettings)}
-    return CASettings(**{k: v for k, v in cfg.ca.items() if k in fields})
+    values = {k: v for k, v in cfg.ca.items() if k in fields}
+    # A config saved before ca.keep_features existed belongs to a checkpoint holding them.
+    values.setdefault("keep_features", True)
+    return CASettings(**values)
 
 
 def build_step_settings(cfg: ml_collections.ConfigDict, voc: vocab.Vocabulary) -> StepSettings:
@@ -317,6 +320,7 @@ def build_model(cfg: ml_collections.ConfigDict, num_classes: int) -> segmenter.S
         pos_resize_rule=cfg.model.pos_resize_rule,
         attention=cfg.model.attention,
         dtype=dtype,
+        remat=bool(cfg.model.get("remat", False)),
     )
     return segmenter.Segmenter(backbone=backbone, num_classes=num_classes, dtype=dtype)
 

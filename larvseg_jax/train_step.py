@@ -78,7 +78,12 @@ def create_train_state(
         keys = jax.random.split(bank_rng, settings.num_groups)
         bank = jax.vmap(
             lambda k: ca_classifier.init_bank(
-                k, num_classes, settings.ca.memory_size, settings.ca.topk, dim
+                k,
+                num_classes,
+                settings.ca.memory_size,
+                settings.ca.topk,
+                dim,
+                keep_features=settings.ca.keep_features,
             )
         )(keys)
     return TrainState(

@@ -1,6 +1,7 @@
 """Every config builds: vocabulary, step settings, model and train step, abstractly (eval_shape)."""
 
 import copy
+import dataclasses
 import functools
 import importlib
 import pathlib
@@ -45,7 +46,12 @@ def test_config_builds_model_and_step_abstractly(name):
     g, b = settings.num_groups, settings.images_per_group
     if cfg.ca.enabled:
         c, d = state.params["head"]["cls_emb"].shape
-        assert state.bank.feats.shape == (g, c, cfg.ca.memory_size, cfg.ca.topk, d)
+        assert state.bank.feats is None  # never read by the step: not kept by default
+        assert state.bank.slot_means.shape == (g, c, cfg.ca.memory_size, d)
+        kept = experiment.build_step_settings(cfg, voc)
+        kept = dataclasses.replace(kept, ca=dataclasses.replace(kept.ca, keep_features=True))
+        full = jax.eval_shape(init_fn(model, tx, kept), jax.random.PRNGKey(0))
+        assert full.bank.feats.shape == (g, c, cfg.ca.memory_size, cfg.ca.topk, d)
     else:
         assert state.bank is None
     # The step is traced with the micro ViT: sources, groups, CA and class sampling are the

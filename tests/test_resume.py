@@ -41,9 +41,17 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, ca):
     assert int(a.step) == int(b.step) == cfg.train.total_steps
     jax.tree.map(np.testing.assert_array_equal, a, b)
     if ca:
-        assert a.bank.feats.shape[0] == cfg.data.num_groups
+        assert a.bank.feats is None and a.bank.slot_means.shape[0] == cfg.data.num_groups
         one = final_state(cfg, tmp_path / "straight", devices=jax.devices()[:1])
         jax.tree.map(np.testing.assert_array_equal, a, one)
+        # The kept features change nothing else, bit for bit.
+        cfg.ca.keep_features = True
+        train.train_and_evaluate(cfg, str(tmp_path / "kept"), do_eval=False)
+        kept = final_state(cfg, tmp_path / "kept")
+        assert kept.bank.feats.shape[:2] == a.bank.slot_means.shape[:2]
+        jax.tree.map(
+            np.testing.assert_array_equal, a, kept.replace(bank=kept.bank._replace(feats=None))
+        )
 
 
 def test_the_step_runs_under_a_transfer_guard(tmp_path, monkeypatch):

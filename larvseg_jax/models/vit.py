@@ -134,8 +134,8 @@ class EncoderBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        """x [B, N, D] -> [B, N, D]."""
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        """x [B, N, D] -> [B, N, D]; `train` positional, static under `nn.remat`."""
 
         def residual(branch):
             if train and self.drop_path_rate > 0.0:
@@ -199,6 +199,7 @@ class Encoder(nn.Module):
     pos_resize_rule: str = "shape"
     attention: str = "custom_vjp"
     dtype: Any = jnp.float32
+    remat: bool = False  # recompute each block's activations in the backward pass
 
     @nn.compact
     def __call__(self, x: jax.Array, grid: tuple[int, int], *, train: bool) -> jax.Array:
@@ -207,15 +208,18 @@ class Encoder(nn.Module):
             tuple(self.pos_grid), self.pos_resize_rule, self.dtype, name="posembed_input"
         )(x, grid)
         rates = np.linspace(0.0, self.drop_path_rate, self.depth) if self.depth else []
+        # Rematerialisation keeps one [B, N, D] input per block for the backward pass instead
+        # of every intermediate (the MLP's 4D-wide activations, attention statistics).
+        block = nn.remat(EncoderBlock, static_argnums=(2,)) if self.remat else EncoderBlock
         for i in range(self.depth):
-            x = EncoderBlock(
+            x = block(
                 self.num_heads,
                 self.mlp_dim,
                 float(rates[i]),
                 self.attention,
                 self.dtype,
                 name=f"encoderblock_{i}",
-            )(x, train=train)
+            )(x, train)
         return nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="encoder_norm")(x)
 
 
@@ -232,6 +236,7 @@ class ViT(nn.Module):
     pos_resize_rule: str = "shape"  # "shape" | "token_count" (official, SPEC D1)
     attention: str = "custom_vjp"  # "custom_vjp" | "xla" | "cudnn"
     dtype: Any = jnp.float32  # compute dtype; params stay float32
+    remat: bool = False  # rematerialise each transformer block in the backward pass
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -266,6 +271,7 @@ class ViT(nn.Module):
             pos_resize_rule=self.pos_resize_rule,
             attention=self.attention,
             dtype=self.dtype,
+            remat=self.remat,
             name="Transformer",
         )(x, (h, w), train=train)
         return x[:, 1:].reshape(b, h, w, self.width)
