@@ -14,6 +14,14 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, eval JSON and TensorBoard go here.")
 flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval"], "What to run.")
+flags.DEFINE_string(
+    "coordinator",
+    None,
+    "Multi-process runs: HOST:PORT of process 0, with --num_processes and --process_id "
+    "(or 'auto' on a TPU slice / under SLURM).",
+)
+flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process runs: this process, 0..num_processes-1.")
 
 CONFIGS = pathlib.Path(__file__).resolve().parent / "configs"
 HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
@@ -81,13 +89,14 @@ def _quiet_libraries(record) -> bool:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from larvseg_jax import interrupts, train  # after flag parsing: jax reads XLA_FLAGS
+    from larvseg_jax import distributed, interrupts, train  # after flags: jax reads XLA_FLAGS
     from larvseg_jax.errors import UserError
 
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_quiet_libraries)
     interrupts.install()  # Ctrl-C and SIGTERM (preemption) stop at the next safe point
     try:
+        distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
         if FLAGS.mode == "eval":
             report = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
         else:

@@ -50,8 +50,17 @@ DEFAULT_CONFIGS = (
 GIB = 2**30
 
 
-def load_config(name: str, tiny: bool, data_dir: str, proxy: bool = False):
+def load_config(name: str, tiny: bool, data_dir: str, proxy: bool = False, sets=()):
     cfg = importlib.import_module(f"configs.{name}").get_config()
+    for item in sets:  # --set model.remat=True: the step with an option, against the default
+        key, _, value = item.partition("=")
+        parent, _, leaf = key.rpartition(".")
+        node = cfg
+        for part in filter(None, parent.split(".")):
+            node = node[part]
+        node[leaf] = (
+            type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
+        )
     if proxy:  # the same step on one group per source (ratios 1): a fraction of the memory
         for entry in cfg.data.sources.values():
             entry.ratio = 1
@@ -113,7 +122,8 @@ def measure(name: str, args, data_dir: str, out: dict) -> None:
     """Fills `out` as it goes, so a failure still reports what was measured before it."""
     out["variant"] = "tiny" if args.tiny else "B/16"
     shipped = load_config(name, args.tiny, data_dir).data.num_groups
-    cfg = load_config(name, args.tiny, data_dir, args.proxy)
+    cfg = load_config(name, args.tiny, data_dir, args.proxy, args.set)
+    out["options"] = list(args.set)
     setup = experiment.build_setup(cfg, os.path.join(data_dir, "work", name))
     settings = setup.settings
     images = settings.num_groups * settings.images_per_group
@@ -227,6 +237,13 @@ def main():
         help="one group per source; projections scale the step to the config's groups",
     )
     p.add_argument("--compile-only", action="store_true", help="compile and analyse, no steps")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. model.remat=True or model.dtype=bfloat16 (repeatable)",
+    )
     p.add_argument("--markdown", action="store_true")
     p.add_argument(
         "--out",

@@ -35,7 +35,7 @@ from larvseg_jax.interp import bilinear_taps, resize_bilinear
 # Images [B, h, w, 3] -> mask-normed logits [B, h', w', N], computed on the device that holds
 # the images.
 PredictFn = Callable[[jax.Array], jax.Array]
-TILE = 128  # output tile side of the final resize
+TILE = 32  # output tile side of the final resize
 TILES_PER_CALL = 8  # tiles resized per call of the tile program
 
 

@@ -414,6 +414,14 @@ def log_parameters(state: TrainState, writer: Any) -> None:
         f"{sum(counts.values()):,}",
         ", ".join(f"{k} {v:,}" for k, v in counts.items()),
     )
+    logging.info(
+        "process %d of %d: %d local of %d devices (%s)",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        jax.devices()[0].device_kind,
+    )
     table = parameter_overview.get_parameter_overview(state.params, include_stats=False)
     writer.write_texts(0, {"parameters": "```\n" + table + "\n```"})
 
@@ -507,9 +515,10 @@ def _train_loop(setup, state, data_iter, ckpt, writer, *, do_eval, stop_at) -> d
             interrupts.check()
             if step == start_step:
                 interrupts.test_point("compile")  # the first step call compiles
-            host_batch = next(data_iter)
+            # The one intended transfer (in a multi-process run it is a batched device_put,
+            # which the guard below would refuse); the step itself moves nothing implicitly.
+            batch = sharding.host_batch_to_global(next(data_iter), setup.mesh)
             with jax.transfer_guard("disallow"):
-                batch = sharding.host_batch_to_global(host_batch, setup.mesh)
                 state, step_metrics = step_fn(state, batch)
                 window.add(step_metrics)
             step += 1
