@@ -162,6 +162,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "stop" then ends the run at the next log line naming the step, source and loss term,
     # "skip" goes on and counts such steps (train/skipped_steps in TensorBoard).
     cfg.train.nonfinite = "stop"
+    # The global batch is always data.num_groups x data.images_per_group (16 in the paper): on
+    # fewer devices each device runs more groups one after another, so the learning rate needs
+    # no rescaling. True computes those groups' gradients one group at a time and sums them,
+    # holding one group's activations instead of all (gradients equal to float rounding).
+    cfg.train.accumulate_gradients = False
 
     # ---- evaluation (SPEC 7) ----
     cfg.eval = ml_collections.ConfigDict()

@@ -46,6 +46,9 @@ class StepSettings:
     ca: ca_classifier.CASettings | None = None  # None = no CA-classifier (the baseline)
     sample_classes: int = 0  # R of SPEC 2.6 ("s100"); 0 = full vocabulary
     max_labels: int = 16  # static bound on classes per image (pads pair and sample lists)
+    # Gradients of a device's groups computed one group at a time and summed (the activations
+    # of one group live at once instead of all of them); same objective, equal to rounding.
+    accumulate_gradients: bool = False
 
     @property
     def num_groups(self) -> int:
@@ -186,15 +189,16 @@ def group_loss(
     return loss, aux
 
 
-def _device_loss(params, batch, banks, rng, *, model, settings, groups_per_device):
-    """Sum over this device's groups of loss_g / G; per-group losses and updated banks."""
+def _device_loss(params, batch, banks, rng, *, model, settings, groups_per_device, grads=False):
+    """Sum over this device's groups of loss_g / G, per-group losses and the bank writes; with
+    `grads`, also d(sum)/d(params), accumulated group by group inside the scan."""
     num_sources = len(settings.sources)
     first = jax.lax.axis_index(DATA) * groups_per_device
     all_ids = jnp.asarray(settings.group_source_ids, jnp.int32)
     local_ids = jax.lax.dynamic_slice(all_ids, (first,), (groups_per_device,))
     global_index = first + jnp.arange(groups_per_device)
 
-    def branch(s, group_batch, local_g, key):
+    def branch(s, params, group_batch, local_g, key):
         spec = settings.sources[s]
         data = group_batch[spec.name]
         # Indexed here, not sliced by the scan: a slice fed to the switch would be a copy of
@@ -220,15 +224,30 @@ def _device_loss(params, batch, banks, rng, *, model, settings, groups_per_devic
 
     branches = [functools.partial(branch, s) for s in range(num_sources)]
 
-    def body(total, xs):
+    def body(carry, xs):
+        total, grad_sum = carry
         source_id, g, group_batch = xs
         key = jax.random.fold_in(rng, g)  # same key for group g on any device count
-        loss, per_source, writes = jax.lax.switch(source_id, branches, group_batch, g - first, key)
-        counts = jax.nn.one_hot(source_id, num_sources)
-        return total + loss, (loss, per_source, counts, writes)
 
-    total, (group_losses, per_source, counts, writes) = jax.lax.scan(
-        body, jnp.zeros((), jnp.float32), (local_ids, global_index, batch)
+        def group(p):
+            loss, per_source, writes = jax.lax.switch(
+                source_id, branches, p, group_batch, g - first, key
+            )
+            return loss, (per_source, writes)
+
+        if grads:
+            (loss, (per_source, writes)), group_grads = jax.value_and_grad(group, has_aux=True)(
+                params
+            )
+            grad_sum = jax.tree.map(jnp.add, grad_sum, group_grads)
+        else:
+            loss, (per_source, writes) = group(params)
+        counts = jax.nn.one_hot(source_id, num_sources)
+        return (total + loss, grad_sum), (loss, per_source, counts, writes)
+
+    zero_grads = jax.tree.map(jnp.zeros_like, params) if grads else None
+    (total, grad_sum), (group_losses, per_source, counts, writes) = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), zero_grads), (local_ids, global_index, batch)
     )
     sums = {
         "basic_sum": per_source["basic"].sum(0),
@@ -236,7 +255,10 @@ def _device_loss(params, batch, banks, rng, *, model, settings, groups_per_devic
         "unvisited_sum": per_source["unvisited"].sum(0),
         "count": counts.sum(0),
     }
-    return total / settings.num_groups, (sums, group_losses, writes)
+    out = total / settings.num_groups, (sums, group_losses, writes)
+    if grads:
+        return out, jax.tree.map(lambda x: x / settings.num_groups, grad_sum)
+    return out
 
 
 def _all_finite(tree) -> jax.Array:
@@ -288,9 +310,14 @@ def train_step(
         # The groups only read their banks (never the [C, M, K, D] features); the writes are
         # applied once, in place, after the scan instead of moving whole banks through it.
         view = None if banks is None else banks._replace(feats=None)
-        (loss, (sums, group_losses, writes)), grads = jax.value_and_grad(fn, has_aux=True)(
-            params, local_batch, view, rng
-        )
+        if settings.accumulate_gradients:
+            (loss, (sums, group_losses, writes)), grads = fn(
+                params, local_batch, view, rng, grads=True
+            )
+        else:
+            (loss, (sums, group_losses, writes)), grads = jax.value_and_grad(fn, has_aux=True)(
+                params, local_batch, view, rng
+            )
         loss, sums, grads = jax.lax.psum((loss, sums, grads), DATA)
         grads_finite = _all_finite(grads)
         finite = jnp.isfinite(loss) & grads_finite

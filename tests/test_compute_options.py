@@ -1,6 +1,7 @@
 """Memory and speed options of the model against the faithful default (float32, no remat), on
 the LarvSeg group loss of both sources (segmentation, and weak labels with the CA-classifier)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -10,7 +11,7 @@ import pytest
 
 from larvseg_jax.models import segmenter, vit
 from larvseg_jax.train_step import group_loss
-from tests.test_train_step import PLAN, SOURCES, get_setup, make_batch
+from tests.test_train_step import PLAN, SOURCES, get_setup, main_batch, make_batch, run_step
 
 
 @functools.cache
@@ -73,3 +74,27 @@ def test_bfloat16_compute_stays_close_to_float32(name):
     np.testing.assert_allclose(terms_b, terms, rtol=2e-2, atol=1e-3)
     assert all(g.dtype == jnp.float32 for g in grads_b)
     assert cosine(grads_b, grads) > 0.99
+
+
+@pytest.mark.parametrize("num_devices", [1, 2])
+def test_accumulated_gradients_give_the_same_step(num_devices):
+    """train.accumulate_gradients: each group's gradient computed in its own backward pass and
+    summed in the scan, vs one backward pass through all of a device's groups (8 or 4 groups
+    per device): params, bank and metrics equal to float rounding."""
+    setup = get_setup("larvseg")
+    batch = main_batch()
+    want_state, want = run_step(setup, num_devices, batch)
+    accumulating = dataclasses.replace(
+        setup, settings=dataclasses.replace(setup.settings, accumulate_gradients=True), steps={}
+    )
+    state, metrics = run_step(accumulating, num_devices, batch)
+    assert bool(metrics["finite"])
+    assert float(metrics["loss"]) == pytest.approx(float(want["loss"]), rel=1e-6)
+    np.testing.assert_allclose(metrics["group_loss"], want["group_loss"], rtol=1e-6)
+    moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), state.params, setup.state.params)
+    assert max(jax.tree.leaves(moved)) > 1e-3  # the step did change the parameters
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        (state.params, state.opt_state, state.bank),
+        (want_state.params, want_state.opt_state, want_state.bank),
+    )
