@@ -23,6 +23,7 @@ from larvseg_jax import (
     experiment,
     groups,
     interrupts,
+    memory,
     sharding,
     slide,
     tb_writer,
@@ -156,13 +157,21 @@ def make_metrics_collection(settings) -> type[clu_metrics.Collection]:
 
 def compile_step(setup: Setup, collection: type[clu_metrics.Collection]):
     """The jitted step: (state, global batch) -> (state, this step's metrics collection)."""
+    return jit_step(
+        setup.model,
+        setup.tx,
+        setup.settings,
+        setup.mesh,
+        setup.schedule,
+        setup.state_shardings,
+        collection,
+    )
+
+
+def jit_step(model, tx, settings, mesh, schedule, state_shardings, collection):
+    """`compile_step` from the run's parts (the memory planner has no data, hence no Setup)."""
     step = functools.partial(
-        train_step,
-        model=setup.model,
-        tx=setup.tx,
-        settings=setup.settings,
-        mesh=setup.mesh,
-        schedule=setup.schedule,
+        train_step, model=model, tx=tx, settings=settings, mesh=mesh, schedule=schedule
     )
 
     def step_and_metrics(state, batch):
@@ -172,10 +181,27 @@ def compile_step(setup: Setup, collection: type[clu_metrics.Collection]):
 
     return jax.jit(
         step_and_metrics,
-        in_shardings=(setup.state_shardings, sharding.data_sharded(setup.mesh)),
-        out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
+        in_shardings=(state_shardings, sharding.data_sharded(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
+
+
+def compile_within_memory(setup: Setup, step_fn: Any, state: TrainState, batch: Any) -> Any:
+    """Compiles the step ahead of its first call and stops with one line, before anything
+    runs, when XLA's memory analysis of it exceeds a device's memory."""
+    compiled = step_fn.lower(state, batch).compile()
+    parts = memory.breakdown(compiled, state, batch, setup.mesh.devices.size)
+    logging.info("train step: %s", memory.describe(parts))
+    settings = setup.settings
+    turn = memory.knobs(
+        groups.groups_per_device(settings.num_groups, setup.mesh.devices.size),
+        settings.accumulate_gradients,
+        setup.model.backbone.remat,
+        settings.images_per_group,
+    )
+    memory.check_fits(parts, turn, jax.local_devices()[0])
+    return compiled
 
 
 def _local_value(x: Any) -> Any:
@@ -513,11 +539,12 @@ def _train_loop(setup, state, data_iter, ckpt, writer, *, do_eval, stop_at) -> d
     try:
         while step < last:
             interrupts.check()
-            if step == start_step:
-                interrupts.test_point("compile")  # the first step call compiles
             # The one intended transfer (in a multi-process run it is a batched device_put,
             # which the guard below would refuse); the step itself moves nothing implicitly.
             batch = sharding.host_batch_to_global(next(data_iter), setup.mesh)
+            if step == start_step:
+                interrupts.test_point("compile")
+                step_fn = compile_within_memory(setup, step_fn, state, batch)
             with jax.transfer_guard("disallow"):
                 state, step_metrics = step_fn(state, batch)
                 window.add(step_metrics)
