@@ -40,7 +40,9 @@ def build(args, with_ca):
         SourceSpec("seg", "seg", tuple(range(n_weak // 2, args.classes)), 1.0, args.crop),
     )
     plan = groups.group_sources(["weak", "seg"], [1, 1], args.groups)
-    ca = ca_classifier.CASettings(memory_size=args.memory, topk=args.topk)
+    ca = ca_classifier.CASettings(
+        memory_size=args.memory, topk=args.topk, warm_up=getattr(args, "warm_up", 1)
+    )
     settings = StepSettings(
         sources=sources,
         group_source_ids=tuple(["weak", "seg"].index(s) for s in plan),
@@ -48,6 +50,7 @@ def build(args, with_ca):
         seg_normalize="all_pixels",
         downsample_rate=2,
         ca=ca if with_ca else None,
+        accumulate_gradients=getattr(args, "accumulate", False),
     )
     grid = (args.crop // vit.VARIANTS[args.variant]["patch_size"],) * 2
     model = segmenter.Segmenter(

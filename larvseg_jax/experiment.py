@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import os
+import socket
 from typing import Any
 
 import jax
@@ -227,7 +228,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 def check_workdir(workdir: str) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        # One probe per process: processes of a multi-process run share the workdir.
+        probe = os.path.join(workdir, f".write_test_{socket.gethostname()}_{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -42,26 +43,30 @@ def train(workdir, num_processes: int, devices_per_process: int) -> list[str]:
         if num_processes > 1:
             extra = ["--coordinator", f"127.0.0.1:{port}", "--num_processes", str(num_processes)]
             extra += ["--process_id", str(i)]
-        procs.append(
-            subprocess.Popen(
-                [*command, *extra],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
+        with open(f"{workdir}.process{i}.log", "w") as log:  # a full pipe would block it
+            procs.append(
+                subprocess.Popen(
+                    [*command, *extra], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+                )
             )
-        )
-    outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=600)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-    for proc, out in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, out[-4000:]
+    # One process failing leaves the others waiting for it (up to JAX's 2-minute timeouts):
+    # stop them all at the first failure and show every process's output.
+    deadline = time.monotonic() + 600
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    for p in procs:
+        p.wait()
+    outputs = [pathlib.Path(f"{workdir}.process{i}.log").read_text() for i in range(len(procs))]
+    report = "\n".join(
+        f"--- process {i} (exit {p.returncode}):\n{out[-3000:]}"
+        for i, (p, out) in enumerate(zip(procs, outputs))
+    )
+    assert all(p.returncode == 0 for p in procs), report
     return outputs
 
 

@@ -1,0 +1,231 @@
+"""This project's LarvSeg train step against the same step in PyTorch (timm ViT-B/16), one run.
+
+Both steps: ViT-B/16 at 512, the paper's cosine head and mask norm, seg CE, image-level CE and
+the CA-classifier (M=20, K=40, warm-up 0 so every pair does the full work), a 1:1 seg:weak mix
+of 2 images each over a 251-class union, fp32, SGD with momentum. After compilation / a warm-up
+step the steps alternate round by round (machine drift hits all alike); the ratio is the median
+over rounds of this project's time over PyTorch's in the same round. Also: images/s, achieved
+GFLOP/s (analytic ViT FLOPs: 3 x forward per image) against a matmul peak measured in this run,
+JAX compile time, XLA's temporary memory and PyTorch's peak step memory (a child process's
+max RSS growth over one step). Prints JSON lines and a Markdown table; appends to --out.
+
+  pip install -r requirements-bench.txt
+  python benchmarks/train_step.py --rounds 3                 # ViT-B/16 at 512
+  python benchmarks/train_step.py --variant tiny --crop 64 --rounds 5
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ca_cost
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch_reference
+
+from larvseg_jax import sharding
+from larvseg_jax.models import vit
+
+
+def vit_forward_flops(variant: str, crop: int) -> float:
+    """Matmul FLOPs of one image's ViT forward: 24 N D^2 + 4 N^2 D per layer."""
+    cfg = vit.VARIANTS[variant]
+    n = (crop // cfg["patch_size"]) ** 2 + 1
+    d, depth, mlp = cfg["width"], cfg["depth"], cfg["mlp_dim"]
+    return depth * (8 * n * d * d + 4 * n * d * mlp + 4 * n * n * d)
+
+
+def matmul_peak(n=2048, reps=5) -> dict:
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        f(a).block_until_ready()
+    jax_rate = 2 * n**3 * reps / (time.perf_counter() - t0)
+    b = torch.ones(n, n)
+    b @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        b @ b
+    torch_rate = 2 * n**3 * reps / (time.perf_counter() - t0)
+    return {"jax_gflops": jax_rate / 1e9, "torch_gflops": torch_rate / 1e9}
+
+
+def torch_inputs(args, batch, plan):
+    """The JAX batch's seg and weak groups as NCHW float and (B, H, W) long tensors."""
+    out = []
+    for name in ("seg", "weak"):
+        g = plan.index(name)
+        images = torch.from_numpy(np.ascontiguousarray(batch[name]["image"][g])).permute(0, 3, 1, 2)
+        labels = torch.from_numpy(batch[name]["label"][g].astype(np.int64))
+        out += [images.contiguous(), labels]
+    return out
+
+
+def build_torch(args):
+    n_weak = args.classes // 2
+    torch.manual_seed(0)
+    step = torch_reference.Step(
+        args.classes,
+        args.crop,
+        args.memory,
+        args.topk,
+        seg_index=list(range(n_weak // 2, args.classes)),
+        weak_index=list(range(n_weak)),
+        sizes=vit.VARIANTS[args.variant],
+    )
+    return step
+
+
+def _torch_peak_child(args, inputs, queue):
+    torch.set_num_threads(args.torch_threads)
+    step = build_torch(args)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step(*inputs)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put((after - before) * 1024)
+
+
+def torch_peak_bytes(args, inputs) -> int:
+    """Max RSS growth over one step in a fresh process (model and bank already built)."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_torch_peak_child, args=(args, inputs, queue))
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return int(value)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variant", default="B/16", choices=sorted(vit.VARIANTS))
+    p.add_argument("--crop", type=int, default=512)
+    p.add_argument("--classes", type=int, default=251)
+    p.add_argument("--topk", type=int, default=40)
+    p.add_argument("--memory", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    p.add_argument("--no-peak", action="store_true", help="skip PyTorch's peak-memory child run")
+    p.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results", "train_step_cpu.jsonl")
+    )
+    args = p.parse_args()
+    args.groups, args.batch, args.warm_up = 2, 2, 0
+    torch.set_num_threads(args.torch_threads)
+    rng = np.random.default_rng(0)
+
+    contenders = {}
+    for name, accumulate in (("jax", False), ("jax_accumulate", True)):
+        args.accumulate = accumulate
+        fn, state, plan, mesh, _ = ca_cost.build(args, with_ca=True)
+        host = ca_cost.batch_for(args, plan, rng)
+        batch = sharding.host_batch_to_global(host, mesh)
+        t0 = time.perf_counter()
+        compiled = fn.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        contenders[name] = {
+            "run": lambda c=compiled, b=batch, n=name: _jax_step(contenders[n], c, b),
+            "state": state,
+            "compile_s": compile_s,
+            "temp_bytes": int(mem.temp_size_in_bytes) if mem is not None else -1,
+            "times": [],
+        }
+    inputs = torch_inputs(args, host, plan)
+    peak = -1 if args.no_peak else torch_peak_bytes(args, inputs)
+    step = build_torch(args)
+    step(*inputs)  # warm-up
+    contenders["torch"] = {"run": lambda: step(*inputs), "peak_bytes": peak, "times": []}
+
+    for _ in range(args.rounds):
+        for c in contenders.values():
+            t0 = time.perf_counter()
+            c["run"]()
+            c["times"].append(time.perf_counter() - t0)
+
+    peaks = matmul_peak()
+    images = args.groups * args.batch
+    flops = 3 * vit_forward_flops(args.variant, args.crop) * images
+    common = {
+        "variant": args.variant,
+        "crop": args.crop,
+        "classes": args.classes,
+        "topk": args.topk,
+        "memory": args.memory,
+        "images": images,
+        "device": jax.devices()[0].device_kind,
+        "threads": args.torch_threads,
+        "step_gflop_analytic": flops / 1e9,
+        "matmul_peak": peaks,
+    }
+    rows = []
+    for name, c in contenders.items():
+        sec = float(np.median(c["times"]))
+        row = {
+            "name": name,
+            **common,
+            "seconds_per_step": sec,
+            "times": c["times"],
+            "images_per_sec": images / sec,
+            "gflop_per_sec": flops / sec / 1e9,
+            "fraction_of_peak": flops
+            / sec
+            / 1e9
+            / (peaks["torch_gflops"] if name == "torch" else peaks["jax_gflops"]),
+        }
+        for key in ("compile_s", "temp_bytes", "peak_bytes"):
+            if key in c:
+                row[key] = c[key]
+        rows.append(row)
+    for name in ("jax", "jax_accumulate"):
+        ratios = [a / b for a, b in zip(contenders[name]["times"], contenders["torch"]["times"])]
+        rows.append({"name": f"{name}_over_torch", **common, "ratio": float(np.median(ratios))})
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "a") as f:
+        for row in rows:
+            print(json.dumps(row))
+            f.write(json.dumps(row) + "\n")
+    print(markdown(rows))
+
+
+def _jax_step(c, compiled, batch):
+    c["state"], m = compiled(c["state"], batch)
+    jax.block_until_ready(m)
+
+
+def markdown(rows) -> str:
+    lines = [
+        "| step | s/step (median) | images/s | GFLOP/s (% of matmul peak) | memory | vs PyTorch |",
+        "|---|---|---|---|---|---|",
+    ]
+    ratio = {r["name"][: -len("_over_torch")]: r["ratio"] for r in rows if "ratio" in r}
+    for r in rows:
+        if "ratio" in r:
+            continue
+        if "temp_bytes" in r:
+            mem = f"XLA temp {r['temp_bytes'] / 2**30:.1f} GiB"
+        else:
+            mem = f"peak RSS +{r['peak_bytes'] / 2**30:.1f} GiB"
+        vs = f"{ratio[r['name']]:.2f}x" if r["name"] in ratio else "1"
+        lines.append(
+            f"| {r['name']} | {r['seconds_per_step']:.2f} | {r['images_per_sec']:.3f} | "
+            f"{r['gflop_per_sec']:.0f} ({100 * r['fraction_of_peak']:.0f} %) | {mem} | {vs} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
