@@ -34,6 +34,8 @@ COMMON_KEYS = (
     ("optim.lr", "SGD base learning rate"),
     ("data.num_groups", "virtual devices per step (a multiple of the device count)"),
     ("eval.step", "checkpoint step for --mode eval (-1 = latest)"),
+    ("train.accumulate_gradients", "one group's activations at a time (less memory)"),
+    ("model.remat", "recompute transformer blocks in the backward pass (less memory)"),
 )
 USAGE = (
     "python main.py --config configs/<name>.py[:arg] --workdir DIR "
@@ -60,6 +62,9 @@ def help_text() -> str:
         "  --config    an experiment file below; `:arg` passes a sweep argument",
         "  --workdir   checkpoints, eval JSON and TensorBoard; re-running resumes",
         "  --mode      train_and_eval (default) | train | eval (restores a checkpoint)",
+        "  --coordinator HOST:PORT --num_processes N --process_id I",
+        "              one process per host: the same command on every host (or",
+        "              --coordinator=auto on a TPU slice / under SLURM)",
         "",
         "configs:",
     ]

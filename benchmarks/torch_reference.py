@@ -39,25 +39,82 @@ class CosineHead(torch.nn.Module):
         return logits, s.detach().transpose(1, 2), xp.detach()
 
 
+class Block(torch.nn.Module):
+    """timm's ViT block: pre-LN, fused attention (scaled_dot_product_attention), GELU MLP,
+    drop path; used when timm cannot be imported (it needs torchvision)."""
+
+    def __init__(self, width, num_heads, mlp_dim, drop_path):
+        super().__init__()
+        self.norm1 = torch.nn.LayerNorm(width, eps=1e-6)
+        self.norm2 = torch.nn.LayerNorm(width, eps=1e-6)
+        self.qkv, self.proj = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+        self.fc1, self.fc2 = torch.nn.Linear(width, mlp_dim), torch.nn.Linear(mlp_dim, width)
+        self.num_heads, self.drop_path = num_heads, drop_path
+
+    def _drop(self, x):
+        if not self.training or self.drop_path == 0:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1) >= self.drop_path
+        return x * keep / (1 - self.drop_path)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        x = x + self._drop(self.proj(y))
+        return x + self._drop(self.fc2(F.gelu(self.fc1(self.norm2(x)))))
+
+
+class PlainViT(torch.nn.Module):
+    """timm's VisionTransformer forward_features, written out (class token, learned positions)."""
+
+    def __init__(self, crop, width, depth, num_heads, mlp_dim, patch_size, drop_path):
+        super().__init__()
+        n = (crop // patch_size) ** 2
+        self.patch_embed = torch.nn.Conv2d(3, width, patch_size, stride=patch_size)
+        self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = torch.nn.Parameter(torch.randn(1, n + 1, width) * 0.02)
+        rates = torch.linspace(0, drop_path, depth).tolist()
+        self.blocks = torch.nn.Sequential(*(Block(width, num_heads, mlp_dim, r) for r in rates))
+        self.norm = torch.nn.LayerNorm(width, eps=1e-6)
+
+    def forward_features(self, images):
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        return self.norm(self.blocks(x))
+
+
+def make_backbone(crop, width, depth, num_heads, mlp_dim, patch_size, drop_path):
+    """(timm's VisionTransformer, "timm"), or without timm (same network) "timm-equivalent"."""
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except (ImportError, RuntimeError):
+        net = PlainViT(crop, width, depth, num_heads, mlp_dim, patch_size, drop_path)
+        return net, "timm-equivalent"
+    net = VisionTransformer(
+        img_size=crop,
+        patch_size=patch_size,
+        embed_dim=width,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_dim / width,
+        num_classes=0,
+        global_pool="",
+        drop_path_rate=drop_path,
+    )
+    return net, "timm"
+
+
 class Segmenter(torch.nn.Module):
-    """timm's VisionTransformer of the given sizes (ViT-B/16: width 768, depth 12, 12 heads)."""
+    """A ViT of the given sizes (ViT-B/16: width 768, depth 12, 12 heads) + the cosine head."""
 
     def __init__(
         self, num_classes, crop, width, depth, num_heads, mlp_dim, patch_size, drop_path=0.1
     ):
         super().__init__()
-        from timm.models.vision_transformer import VisionTransformer
-
-        self.backbone = VisionTransformer(
-            img_size=crop,
-            patch_size=patch_size,
-            embed_dim=width,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_dim / width,
-            num_classes=0,
-            global_pool="",
-            drop_path_rate=drop_path,
+        self.backbone, self.backbone_kind = make_backbone(
+            crop, width, depth, num_heads, mlp_dim, patch_size, drop_path
         )
         self.head = CosineHead(num_classes, width)
         self.grid = (crop // patch_size, crop // patch_size)
@@ -164,4 +221,4 @@ class Step:
         loss_weak = (0.1 * basic + 0.1 * aux) / 2
         loss_weak.backward()
         self.opt.step()
-        return float(loss_seg + loss_weak)
+        return float((loss_seg + loss_weak).detach())

@@ -18,7 +18,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import resource
 import sys
 import time
 
@@ -87,17 +86,28 @@ def build_torch(args):
     return step
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
 def _torch_peak_child(args, inputs, queue):
     torch.set_num_threads(args.torch_threads)
     step = build_torch(args)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step(*inputs)  # the first step allocates the optimizer's momentum buffers
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
     step(*inputs)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put((after - before) * 1024)
+    queue.put((_status_kib("VmHWM") - before) * 1024)
 
 
 def torch_peak_bytes(args, inputs) -> int:
-    """Max RSS growth over one step in a fresh process (model and bank already built)."""
+    """Peak RSS growth over a second step in a fresh process: the step's working memory
+    (activations, gradients, temporaries) next to XLA's temporary bytes."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_torch_peak_child, args=(args, inputs, queue))
@@ -149,6 +159,7 @@ def main():
     step = build_torch(args)
     step(*inputs)  # warm-up
     contenders["torch"] = {"run": lambda: step(*inputs), "peak_bytes": peak, "times": []}
+    contenders["torch"]["backbone"] = step.model.backbone_kind
 
     for _ in range(args.rounds):
         for c in contenders.values():
@@ -186,7 +197,7 @@ def main():
             / 1e9
             / (peaks["torch_gflops"] if name == "torch" else peaks["jax_gflops"]),
         }
-        for key in ("compile_s", "temp_bytes", "peak_bytes"):
+        for key in ("compile_s", "temp_bytes", "peak_bytes", "backbone"):
             if key in c:
                 row[key] = c[key]
         rows.append(row)
@@ -206,6 +217,10 @@ def _jax_step(c, compiled, batch):
     jax.block_until_ready(m)
 
 
+def size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 def markdown(rows) -> str:
     lines = [
         "| step | s/step (median) | images/s | GFLOP/s (% of matmul peak) | memory | vs PyTorch |",
@@ -216,12 +231,14 @@ def markdown(rows) -> str:
         if "ratio" in r:
             continue
         if "temp_bytes" in r:
-            mem = f"XLA temp {r['temp_bytes'] / 2**30:.1f} GiB"
+            mem = f"XLA temp {size(r['temp_bytes'])}"
+        elif r["peak_bytes"] >= 0:
+            mem = f"peak RSS +{size(r['peak_bytes'])}"
         else:
-            mem = f"peak RSS +{r['peak_bytes'] / 2**30:.1f} GiB"
+            mem = "not measured (--no-peak)"
         vs = f"{ratio[r['name']]:.2f}x" if r["name"] in ratio else "1"
         lines.append(
-            f"| {r['name']} | {r['seconds_per_step']:.2f} | {r['images_per_sec']:.3f} | "
+            f"| {r['name']} | {r['seconds_per_step']:.3g} | {r['images_per_sec']:.3g} | "
             f"{r['gflop_per_sec']:.0f} ({100 * r['fraction_of_peak']:.0f} %) | {mem} | {vs} |"
         )
     return "\n".join(lines)
