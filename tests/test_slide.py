@@ -42,7 +42,7 @@ SIZES = list(
 
 @pytest.mark.parametrize(
     "batch, num_devices, full",
-    [(1, 1, True), (3, 1, True), (8, 1, True), (2, 3, True), (8, 3, True), (8, 3, False)],
+    [(1, 1, True), (3, 1, True), (2, 3, True), (8, 3, False)],
 )
 def test_runner_equals_the_per_image_path(batch, num_devices, full):
     data = images(0, SIZES)
