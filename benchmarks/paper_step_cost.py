@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import numpy as np
 
-from larvseg_jax import experiment, groups, sharding, train
+from larvseg_jax import experiment, groups, memory, sharding, train
 from larvseg_jax.vocab import IGNORE
 
 DEFAULT_CONFIGS = (
@@ -106,18 +106,6 @@ def random_batch(settings, rng: np.random.Generator) -> dict:
     return batch
 
 
-def nbytes(tree) -> int:
-    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
-
-
-def mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return -1
-
-
 def measure(name: str, args, data_dir: str, out: dict) -> None:
     """Fills `out` as it goes, so a failure still reports what was measured before it."""
     out["variant"] = "tiny" if args.tiny else "B/16"
@@ -138,8 +126,8 @@ def measure(name: str, args, data_dir: str, out: dict) -> None:
         union_classes=len(setup.voc.union),
         ca_topk=settings.ca.topk if settings.ca is not None else 0,
         sample_classes=settings.sample_classes,
-        state_bytes=nbytes(setup.abstract_state),
-        bank_bytes=nbytes(setup.abstract_state.bank),
+        state_bytes=memory.nbytes(setup.abstract_state),
+        bank_bytes=memory.nbytes(setup.abstract_state.bank),
     )
     batch = sharding.host_batch_to_global(
         random_batch(settings, np.random.default_rng(0)), setup.mesh
@@ -149,18 +137,17 @@ def measure(name: str, args, data_dir: str, out: dict) -> None:
     compiled = step_fn.lower(setup.abstract_state, batch).compile()
     out["compile_s"] = time.perf_counter() - t0
     flops = float((compiled.cost_analysis() or {}).get("flops", float("nan")))
-    mem = compiled.memory_analysis()
     # XLA counts a while loop's body once (not x trip count) and a switch as its costliest
     # branch: its FLOPs are one group's. x groups per device estimates the step (an upper bound
     # when sources differ in crop: a 320-px ImageNet group costs less than a 512-px one).
     per_device = groups.groups_per_device(settings.num_groups, jax.device_count())
     out["xla_gflop"] = flops / 1e9
     out["gflop_per_step_est"] = flops * per_device / 1e9
-    if mem is not None:
-        out["temp_bytes"] = int(mem.temp_size_in_bytes)
-        peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-        out["xla_peak_bytes_est"] = peak = int(peak - mem.alias_size_in_bytes)
-        out["mem_available_bytes"] = available = mem_available()
+    if compiled.memory_analysis() is not None:
+        parts = memory.breakdown(compiled, setup.abstract_state, batch, jax.device_count())
+        out["temp_bytes"] = parts["temporaries"]
+        out["xla_peak_bytes_est"] = peak = parts["peak"]
+        out["mem_available_bytes"] = available = memory.host_available()
         if peak > 0.9 * available and not args.force:
             out["error"] = (
                 f"not run: XLA's memory analysis needs ~{peak / GIB:.1f} GiB (arguments + "

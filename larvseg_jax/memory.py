@@ -56,11 +56,22 @@ def capacity(device: Any) -> tuple[int, str]:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"]), f"{device.device_kind} memory"
-    with open("/proc/meminfo") as f:  # CPU devices share the host's memory
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024 // jax.local_device_count(), "MemAvailable"
+    available = host_available()  # CPU devices share the host's memory
+    if available > 0:
+        return available // jax.local_device_count(), "MemAvailable"
     return -1, "unknown"
+
+
+def host_available() -> int:
+    """The host's MemAvailable in bytes, -1 where /proc/meminfo does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return -1
 
 
 def knobs(groups_per_device: int, accumulate: bool, remat: bool, images_per_group: int) -> list:

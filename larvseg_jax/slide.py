@@ -364,6 +364,8 @@ class SlideRunner:
             self._resize(item, logits, None)
             return
         item.windows = windows
+        # Portrait images accumulate transposed (square crops): half the bucket shapes.
+        item.transposed = self.crop[0] == self.crop[1] and item.image.shape[0] > item.image.shape[1]
         for k in range(len(windows)):
             self._buffers[item.device].append((item, k))
             if len(self._buffers[item.device]) == self.batch:
@@ -407,12 +409,11 @@ class SlideRunner:
             b += num
 
     def _bucket(self, item: _Image) -> tuple[int, int]:
-        """The padded accumulator size: each side rounded up to crop x 1, 1.5, 2, 3, 4, 6, ...
-        (at most 1/3 wasted), with portrait images stored transposed (square crops), so an
-        A150 evaluation at 512 meets about five sizes."""
+        """The padded accumulator size: each side (swapped for a transposed image) rounded up to
+        crop x 1, 1.5, 2, 3, 4, 6, ... (at most 1/3 wasted), so an A150 evaluation at 512 meets
+        about five sizes."""
         h, w = item.image.shape[:2]
-        if self.crop[0] == self.crop[1] and h > w:
-            item.transposed = True
+        if item.transposed:
             h, w = w, h
         return _bucket_side(h, self.crop[0]), _bucket_side(w, self.crop[1])
 
