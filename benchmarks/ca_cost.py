@@ -50,7 +50,7 @@ def build(args, with_ca):
         seg_normalize="all_pixels",
         downsample_rate=2,
         ca=ca if with_ca else None,
-        accumulate_gradients=getattr(args, "accumulate", False),
+        accumulate_gradients=getattr(args, "accumulate", True),
     )
     grid = (args.crop // vit.VARIANTS[args.variant]["patch_size"],) * 2
     model = segmenter.Segmenter(

@@ -164,9 +164,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.train.nonfinite = "stop"
     # The global batch is always data.num_groups x data.images_per_group (16 in the paper): on
     # fewer devices each device runs more groups one after another, so the learning rate needs
-    # no rescaling. True computes those groups' gradients one group at a time and sums them,
-    # holding one group's activations instead of all (gradients equal to float rounding).
-    cfg.train.accumulate_gradients = False
+    # no rescaling. True computes each group's gradient in its own backward pass and sums them,
+    # as the official code does (one backward per GPU, summed by DDP): one group's activations
+    # live at a time. False differentiates the device's summed loss in one backward pass over all
+    # its groups: the same gradients to float rounding, more memory, slower (README "Speed").
+    cfg.train.accumulate_gradients = True
 
     # ---- evaluation (SPEC 7) ----
     cfg.eval = ml_collections.ConfigDict()

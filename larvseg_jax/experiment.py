@@ -310,7 +310,7 @@ def build_step_settings(cfg: ml_collections.ConfigDict, voc: vocab.Vocabulary) -
         ca=ca_settings(cfg),
         sample_classes=cfg.loss.sample_classes,
         max_labels=cfg.data.max_labels,
-        accumulate_gradients=bool(cfg.train.get("accumulate_gradients", False)),
+        accumulate_gradients=bool(cfg.train.get("accumulate_gradients", True)),
     )
 
 

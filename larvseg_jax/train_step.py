@@ -46,9 +46,10 @@ class StepSettings:
     ca: ca_classifier.CASettings | None = None  # None = no CA-classifier (the baseline)
     sample_classes: int = 0  # R of SPEC 2.6 ("s100"); 0 = full vocabulary
     max_labels: int = 16  # static bound on classes per image (pads pair and sample lists)
-    # Gradients of a device's groups computed one group at a time and summed (the activations
-    # of one group live at once instead of all of them); same objective, equal to rounding.
-    accumulate_gradients: bool = False
+    # Gradients of a device's groups computed one group at a time and summed (as the official
+    # code's per-GPU backward passes; one group's activations live at once). False: one backward
+    # pass through the device's summed loss (same objective, equal to rounding).
+    accumulate_gradients: bool = True
 
     @property
     def num_groups(self) -> int:
@@ -222,26 +223,30 @@ def _device_loss(params, batch, banks, rng, *, model, settings, groups_per_devic
         }
         return loss, per_source, aux["writes"]
 
-    branches = [functools.partial(branch, s) for s in range(num_sources)]
+    def branch_with_grads(s, params, group_batch, local_g, key):
+        # Differentiated inside the branch: the switch then carries only what each branch
+        # returns. Differentiating through the switch instead keeps the residuals of every
+        # branch (the untaken ones zero-filled) for the backward pass.
+        def loss_of(p):
+            loss, per_source, writes = branch(s, p, group_batch, local_g, key)
+            return loss, (per_source, writes)
+
+        (loss, (per_source, writes)), group_grads = jax.value_and_grad(loss_of, has_aux=True)(
+            params
+        )
+        return loss, per_source, writes, group_grads
+
+    chosen = branch_with_grads if grads else branch
+    branches = [functools.partial(chosen, s) for s in range(num_sources)]
 
     def body(carry, xs):
         total, grad_sum = carry
         source_id, g, group_batch = xs
         key = jax.random.fold_in(rng, g)  # same key for group g on any device count
-
-        def group(p):
-            loss, per_source, writes = jax.lax.switch(
-                source_id, branches, p, group_batch, g - first, key
-            )
-            return loss, (per_source, writes)
-
+        out = jax.lax.switch(source_id, branches, params, group_batch, g - first, key)
+        loss, per_source, writes = out[:3]
         if grads:
-            (loss, (per_source, writes)), group_grads = jax.value_and_grad(group, has_aux=True)(
-                params
-            )
-            grad_sum = jax.tree.map(jnp.add, grad_sum, group_grads)
-        else:
-            loss, (per_source, writes) = group(params)
+            grad_sum = jax.tree.map(jnp.add, grad_sum, out[3])
         counts = jax.nn.one_hot(source_id, num_sources)
         return (total + loss, grad_sum), (loss, per_source, counts, writes)
 

@@ -77,18 +77,19 @@ def test_bfloat16_compute_stays_close_to_float32(name):
 
 
 def test_accumulated_gradients_give_the_same_step():
-    """train.accumulate_gradients: each group's gradient computed in its own backward pass and
-    summed in the scan, vs one backward pass through all 8 groups of one device: params,
-    optimizer, bank and metrics equal to float rounding. (Several devices run the same scan
-    over fewer groups, then the psum the default step also uses.)"""
+    """train.accumulate_gradients (the default): each group's gradient computed in its own
+    backward pass and summed in the scan, vs one backward pass through all 8 groups of one
+    device: params, optimizer, bank and metrics equal to float rounding. (Several devices run
+    the same scan over fewer groups, then the same psum.)"""
     num_devices = 1
     setup = get_setup("larvseg")
+    assert setup.settings.accumulate_gradients  # the default
     batch = main_batch()
-    want_state, want = run_step(setup, num_devices, batch)
-    accumulating = dataclasses.replace(
-        setup, settings=dataclasses.replace(setup.settings, accumulate_gradients=True), steps={}
+    state, metrics = run_step(setup, num_devices, batch)
+    one_backward = dataclasses.replace(
+        setup, settings=dataclasses.replace(setup.settings, accumulate_gradients=False), steps={}
     )
-    state, metrics = run_step(accumulating, num_devices, batch)
+    want_state, want = run_step(one_backward, num_devices, batch)
     assert bool(metrics["finite"])
     assert float(metrics["loss"]) == pytest.approx(float(want["loss"]), rel=1e-6)
     np.testing.assert_allclose(metrics["group_loss"], want["group_loss"], rtol=1e-6)
