@@ -122,6 +122,11 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
+def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """The font legends use, `size` pixels high (for text drawn on images elsewhere)."""
+    return _font(size)
+
+
 def font_size(height: int, width: int) -> int:
     """Legend text size for a panel of [height, width]: 16 px at 256 px, at most 48."""
     return int(np.clip(min(height, width) // 16, 14, 48))
@@ -176,6 +181,32 @@ def with_legend(
     return np.concatenate([big, legend(entries, w, font_size(h, w // 3))])
 
 
+def captioned(tile: np.ndarray, entries: Sequence[tuple[str, Colour]]) -> np.ndarray:
+    """A tile with the legend strip of `entries` under it, text sized to the tile."""
+    h, w = tile.shape[:2]
+    return np.concatenate([tile, legend(entries, w, font_size(h, w))])
+
+
+def side_by_side(tiles: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
+    """uint8 [H, W, 3] tiles in a row, shorter ones padded white below, `gap` white columns
+    between them."""
+    height = max(t.shape[0] for t in tiles)
+    padded = [
+        np.pad(t, ((0, height - t.shape[0]), (0, gap), (0, 0)), constant_values=255) for t in tiles
+    ]
+    return np.concatenate(padded, axis=1)[:, :-gap]
+
+
+def stacked(rows: Sequence[np.ndarray], gap: int = 6) -> np.ndarray:
+    """uint8 [H, W, 3] rows one under the other, narrower ones padded white on the right,
+    `gap` white rows between them."""
+    width = max(r.shape[1] for r in rows)
+    padded = [
+        np.pad(r, ((0, gap), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows
+    ]
+    return np.concatenate(padded)[:-gap]
+
+
 def panel(
     raw: np.ndarray,
     gt: np.ndarray,
@@ -210,22 +241,39 @@ def _class_of(title: str, names: Sequence[str]) -> int:
     return max(hits, key=lambda i: len(names[i]))
 
 
-def _header(width: int, size: int, heat_ramp: np.ndarray | None) -> np.ndarray:
-    """White strip naming the columns; below it "attention 0 [colour bar] 1" given a ramp."""
+def header(
+    width: int,
+    size: int,
+    heat_ramp: np.ndarray | None,
+    title: str = "input | class mask | CA attention",
+    scale: tuple[str, str] = ("attention 0", "1"),
+) -> np.ndarray:
+    """White strip with a title line; below it "<scale[0]> [colour bar] <scale[1]>" given a ramp.
+
+    Args:
+      width: strip width in pixels.
+      size: text height in pixels.
+      heat_ramp: uint8 [K, 3] colours from low to high, or None (title only).
+      title: the first line, e.g. what the columns are.
+      scale: the texts left and right of the colour bar.
+
+    Returns:
+      uint8 [rows, width, 3].
+    """
     font, pad = _font(size), max(2, size // 2)
     lines = 1 if heat_ramp is None else 2
     image = Image.new("RGB", (width, lines * (size + pad) + pad), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     top = font.getbbox("Hg")[1]
-    draw.text((pad, pad - top), "input | class mask | CA attention", (0, 0, 0), font)
+    draw.text((pad, pad - top), title, (0, 0, 0), font)
     if heat_ramp is not None:
         y = size + 2 * pad
-        draw.text((pad, y - top), "attention 0", (0, 0, 0), font)
-        x = 2 * pad + math.ceil(draw.textlength("attention 0", font=font))
+        draw.text((pad, y - top), scale[0], (0, 0, 0), font)
+        x = 2 * pad + math.ceil(draw.textlength(scale[0], font=font))
         length = max(1, min(8 * size, width - x - 2 * size))  # narrow sheets: a shorter bar
         bar = Image.fromarray(np.asarray(heat_ramp, np.uint8)[None])
         image.paste(bar.resize((length, size), Image.Resampling.NEAREST), (x, y))
-        draw.text((x + length + pad // 2, y - top), "1", (0, 0, 0), font)
+        draw.text((x + length + pad // 2, y - top), scale[1], (0, 0, 0), font)
     return np.asarray(image)
 
 
@@ -257,4 +305,4 @@ def attention_sheet(
     width = max(r.shape[1] for r in rows)
     size = font_size(min_height, width // 3)
     rows = [np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0))) for r in rows]
-    return np.concatenate([_header(width, size, heat_ramp), *rows])
+    return np.concatenate([header(width, size, heat_ramp), *rows])

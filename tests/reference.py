@@ -131,3 +131,24 @@ def ca_reference(queue, ptr, full, embed, score, labels, logits_up, cls_index, c
                 ptr[u] = (ptr[u] + 1) % m
     loss = sum(terms) / len(terms) if terms else 0.0
     return loss, queue, ptr, full, pairs
+
+
+def oracle_labels(embed, gt, seeds, num_classes, out_hw, absent_never_win=False):
+    """SPEC 9 steps 1-7 on one image.
+
+    embed [h, w, D] unit features at the feature grid; gt [H, W] ground truth at the input size;
+    seeds {class id: [flat pixel indices]}; returns int [H0, W0] = out_hw labels.
+    """
+    h_in, w_in = gt.shape
+    up = l2n(upsample(embed[None].astype(np.float64), (h_in, w_in))[0])  # steps 1-2
+    flat = up.reshape(h_in * w_in, -1)
+    classes = sorted(seeds)
+    response = np.zeros((num_classes, h_in, w_in))  # step 6: absent classes stay all zero
+    for c in classes:
+        response[c] = (flat @ flat[seeds[c]].T).max(axis=1).reshape(h_in, w_in)  # step 5
+    if absent_never_win:  # the fix: only present classes compete
+        response = response[classes]
+    big = upsample(response.transpose(1, 2, 0)[None], out_hw)[0]  # step 7: original size
+    probs = np.exp(log_softmax(big))
+    winner = np.argmax(probs, axis=-1)
+    return np.asarray(classes)[winner] if absent_never_win else winner
