@@ -2,13 +2,16 @@
 
   python -m larvseg_jax.segment --workdir runs/larvseg --images photo.jpg holiday/ 'scans/*.png' \
       --out segmented/ [--classes "boat,water,sky" | --vocab names.txt | --dataset a150] \
-      [--attention boat] [--step N | --checkpoint runs/larvseg/checkpoints/1500]
+      [--attention boat] [--foreground-only [--background "sky,water" | --background stuff.txt]] \
+      [--step N | --checkpoint runs/larvseg/checkpoints/1500]
 
 Per image, in --out: <name>_labels.png (class ids of the vocabulary used; 16-bit above 256
 classes), <name>_overlay.png (the image with the prediction blended over it and a legend of the
-classes present), <name>_attention_<class>.png with --attention, and <name>.json (classes
-present with pixel fraction and mean confidence, sizes, checkpoint and vocabulary) written last:
-an image whose JSON exists is complete. Files that are not readable images are named and skipped;
+classes present), <name>_attention_<class>.png with --attention, <name>_foreground.png with
+--foreground-only (the paper's Fig. 5: background/stuff pixels greyed out, the other regions
+named on the image; `larvseg_jax.foreground` says which classes are background by default),
+and <name>.json (classes present with pixel fraction and mean confidence, sizes, checkpoint and
+vocabulary) written last: an image whose JSON exists is complete. Files that are not readable images are named and skipped;
 the exit status is then 1.
 """
 
@@ -21,7 +24,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from larvseg_jax import ca_visualize, visualize
+from larvseg_jax import ca_visualize, foreground, visualize
 from larvseg_jax.errors import UserError
 from larvseg_jax.inference import ImageError, Prediction, Predictor, load, read_rgb
 from larvseg_jax.jsonfile import write_json_atomic
@@ -59,6 +62,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output folder (created)")
     add_vocabulary_flags(parser)
     parser.add_argument("--attention", help="also write the CA attention map of this class")
+    parser.add_argument(
+        "--foreground-only",
+        action="store_true",
+        help="also write <name>_foreground.png: background/stuff greyed out, regions named",
+    )
+    parser.add_argument(
+        "--background",
+        help="with --foreground-only: the background classes, comma-separated or a file with one "
+        "per line (default: the synthetic world's stuff classes for its models, else COCO-Stuff's "
+        "stuff classes)",
+    )
     return parser.parse_args(argv)
 
 
@@ -111,6 +125,38 @@ def choose_vocabulary(predictor: Predictor, args: argparse.Namespace) -> tuple[t
         names = catalog.get(args.dataset).class_names
         return predictor.resolve(names, f"--dataset {args.dataset}"), f"dataset {args.dataset}"
     return predictor.default_names, f"evaluation set {predictor.cfg.data.eval_source}"
+
+
+def choose_background(
+    predictor: Predictor, args: argparse.Namespace, names: tuple
+) -> np.ndarray | None:
+    """bool [N] over `names`: the background classes of --foreground-only (None without it).
+
+    --background names must be trained classes (a name outside the vocabulary used is never
+    predicted, so it does not matter); the default set (`foreground.default_background`) is
+    intersected with the vocabulary silently.
+    """
+    from larvseg_jax.data import catalog
+
+    if not args.foreground_only:
+        if args.background:
+            raise UserError("--background needs --foreground-only")
+        return None
+    if args.background:
+        if os.path.isfile(args.background):
+            with open(args.background) as f:
+                wanted = [line.strip() for line in f if line.strip()]
+            where = f"--background {args.background}"
+        else:
+            wanted = [n.strip() for n in args.background.split(",") if n.strip()]
+            where = "--background"
+        if not wanted:
+            raise UserError(f"{where}: no class names; give names or a file with one per line")
+        background = set(predictor.resolve(wanted, where))
+    else:
+        synthetic = catalog.get(predictor.cfg.data.eval_source).synthetic
+        background = set(foreground.default_background(synthetic))
+    return np.asarray([n in background for n in names], bool)
 
 
 def output_stems(files: list[str]) -> list[str]:
@@ -173,6 +219,7 @@ class Outputs:
     colours: np.ndarray
     vocabulary_source: str
     attention: str | None
+    background: np.ndarray | None = None  # bool [N] with --foreground-only
 
 
 def write_outputs(predictor: Predictor, job: Job, pred: Prediction, o: Outputs) -> dict:
@@ -189,6 +236,11 @@ def write_outputs(predictor: Predictor, job: Job, pred: Prediction, o: Outputs) 
         picture = (0.4 * rgb.astype(np.float32) + 0.6 * heat).round().astype(np.uint8)
         files["attention"] = f"{stem}_attention_{_safe(o.attention)}.png"
         _save_png(picture, os.path.join(o.out, files["attention"]))
+    named = None
+    if o.background is not None:
+        picture, named = foreground.render(rgb, pred.labels, o.names, o.background, o.colours)
+        files["foreground"] = f"{stem}_foreground.png"
+        _save_png(picture, os.path.join(o.out, files["foreground"]))
     report = {
         "image": os.path.abspath(job.path),
         "size": [int(rgb.shape[0]), int(rgb.shape[1])],
@@ -199,6 +251,11 @@ def write_outputs(predictor: Predictor, job: Job, pred: Prediction, o: Outputs) 
         "classes": summary(pred.labels, pred.confidence, o.names),
         "files": files,
     }
+    if named is not None:
+        report["foreground"] = {
+            "background": [n for n, b in zip(o.names, o.background) if b],
+            "named": named,
+        }
     write_json_atomic(os.path.join(o.out, f"{stem}.json"), report)
     return report
 
@@ -222,12 +279,14 @@ def run(argv: list[str]) -> int:
                 raise UserError(f"--attention {attention!r} is not in the vocabulary used")
         else:
             attention = None
+        background = choose_background(predictor, args, names)
         os.makedirs(args.out, exist_ok=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     index = predictor.index(names)
-    outputs = Outputs(args.out, names, index, visualize.palette(names), source, attention)
+    colours = visualize.palette(names)
+    outputs = Outputs(args.out, names, index, colours, source, attention, background)
     print(
         f"segmenting {len(files)} image{'s' * (len(files) != 1)} with {predictor.checkpoint} "
         f"over {len(names)} classes ({source})",

@@ -14,7 +14,16 @@ import pytest
 from PIL import Image
 
 from configs import smoke
-from larvseg_jax import checkpoint, experiment, inference, segment, slide, train
+from larvseg_jax import (
+    checkpoint,
+    experiment,
+    foreground,
+    inference,
+    segment,
+    slide,
+    train,
+    visualize,
+)
 from larvseg_jax.data import catalog, transforms
 from larvseg_jax.errors import ConfigError, DataError
 
@@ -144,6 +153,8 @@ def test_a_class_subset_restricts_the_prediction(workdir, tmp_path, capsys):
         (["--dataset", "a150"], "--dataset a150: 'building' (and 139 more) is not one"),
         (["--attention", "tent", "--classes", "sky"], "--attention 'tent' is not in the vocab"),
         (["--step", "4"], "no checkpoint of step 4 in"),
+        (["--background", "sky"], "--background needs --foreground-only"),
+        (["--foreground-only", "--background", "sky,bota"], "--background: 'bota' is not one"),
     ],
 )
 def test_vocabulary_and_checkpoint_mistakes_are_one_line(workdir, tmp_path, capsys, args, message):
@@ -229,3 +240,30 @@ def test_images_batched_over_two_devices_equal_one_image_at_a_time(workdir, pred
         np.testing.assert_array_equal(got.confidence, want.confidence)
         interactive = predictor.segment(rgb, index)  # a smaller model call for its windows
         assert np.mean(interactive.labels == got.labels) > 0.9999
+
+
+def test_foreground_only_greys_exactly_the_background_and_names_the_rest(workdir, tmp_path, capsys):
+    photo = FIXTURES / "images" / "coffee.png"
+    for background, want in ((None, catalog.SYNTHETIC_BASE), ("sky,water", ("sky", "water"))):
+        out = tmp_path / str(background)
+        extra = () if background is None else ("--background", background)
+        args = ("--workdir", workdir, "--images", photo, "--out", out, "--foreground-only")
+        code, err = _run(capsys, *args, *extra)
+        assert code == 0, err
+        report = json.loads((out / "coffee.json").read_text())
+        assert report["foreground"]["background"] == list(want)
+        assert report["files"]["foreground"] == "coffee_foreground.png"
+        labels = np.asarray(Image.open(out / "coffee_labels.png"))
+        names = tuple(catalog.class_names("syn_eval"))
+        is_bg = np.isin(np.asarray(names), want)
+        present = {names[i] for i in np.unique(labels)}
+        assert set(report["foreground"]["named"]) <= present - set(want)
+        picture = np.asarray(Image.open(out / "coffee_foreground.png"))
+        assert picture.shape[:2] == labels.shape  # a 400 x 600 photo is not enlarged
+        rgb = inference.read_rgb(str(photo))
+        expected = foreground.grey_out(rgb, labels, is_bg, visualize.palette(names))
+        # Every pixel is the greyed photo or the overlay, except under the names written.
+        same = (picture == expected).all(-1)
+        assert same.mean() > 0.9 if report["foreground"]["named"] else same.all()
+        background = is_bg[labels]
+        assert (picture[background] == picture[background][:, :1]).all()  # names are grey too
