@@ -242,11 +242,12 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _model_eval(predictor: Predictor, dataset: str) -> dict | None:
-    """The model's own evaluation mIoU of this checkpoint, if evaluation wrote it."""
+def _model_eval(predictor: Predictor, dataset: str, limit: int) -> dict | None:
+    """The model's own evaluation mIoU of this checkpoint on the same images, if evaluation
+    wrote it (it covers the whole set: none with --limit)."""
     workdir = os.path.dirname(os.path.dirname(predictor.checkpoint))
     path = os.path.join(workdir, "eval", f"step_{predictor.step}.json")
-    if dataset != predictor.cfg.data.eval_source or not os.path.isfile(path):
+    if dataset != predictor.cfg.data.eval_source or limit >= 0 or not os.path.isfile(path):
         return None
     with open(path) as f:
         report = json.load(f)
@@ -264,8 +265,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             "--categories all\n"
             "  python -m larvseg_jax.analysis.oracle --workdir runs/c171 --dataset a150 "
             "--data_dir /data --limit 200\n\n"
-            "Writes oracle_<dataset>_points<N>_repeats<R>_seed<S>[...].json and .md in --out "
-            "(default <workdir>/analysis/oracle)."
+            + __doc__.split("\n\n", 2)[2]
+            + "\n\nWrites oracle_<dataset>_points<N>_repeats<R>_seed<S>[...].json and .md in "
+            "--out (default <workdir>/analysis/oracle)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -354,7 +356,7 @@ def run(argv: list[str]) -> int:
         },
         "num_classes": {c: len(images.categories(c)) for c in evalset.CATEGORY_SETS},
         "classes": {"base": list(images.base), "novel": list(images.novel)},
-        "model_eval": _model_eval(predictor, images.name),
+        "model_eval": _model_eval(predictor, images.name, args.limit),
         **result,
     }
     stem = os.path.join(out, output_stem(args, images.name))
