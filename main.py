@@ -10,6 +10,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from larvseg_jax import logs
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, eval JSON and TensorBoard go here.")
@@ -75,22 +77,6 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
-# Benign library lines printed on every run; one clean line per event is the goal.
-BENIGN = (
-    "Unable to initialize backend 'tpu'",  # jax probing for a TPU on a CPU/GPU machine
-    "Using custom data configuration",  # tfds, once per source opened
-    "OpenCV is not installed",  # tfds: PIL decodes our PNG/JPEG records fine
-)
-
-
-def _quiet_libraries(record) -> bool:
-    """Keeps our INFO lines; from orbax, tfds and grain only warnings and errors; no BENIGN."""
-    noisy = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/etils/", "/jax/_src/")
-    if record.levelno < 30 and any(p in record.pathname for p in noisy):
-        return False
-    return not any(text in str(record.msg) for text in BENIGN)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -98,7 +84,7 @@ def main(argv):
     from larvseg_jax.errors import UserError
 
     logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(_quiet_libraries)
+    logging.get_absl_handler().addFilter(logs.quiet_libraries)
     interrupts.install()  # Ctrl-C and SIGTERM (preemption) stop at the next safe point
     try:
         distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)

@@ -25,7 +25,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from larvseg_jax import evaluate, visualize
+from larvseg_jax import evaluate, logs, visualize
 from larvseg_jax.analysis import evalset
 from larvseg_jax.errors import ConfigError, UserError
 from larvseg_jax.inference import load
@@ -246,6 +246,7 @@ def run(argv: list[str]) -> int:
 
 
 def main() -> None:
+    logs.quiet_benign()
     sys.exit(run(sys.argv[1:]))
 
 

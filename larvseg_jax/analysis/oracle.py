@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from larvseg_jax import evaluate, interp
+from larvseg_jax import evaluate, interp, logs
 from larvseg_jax.analysis import affinity, evalset
 from larvseg_jax.data import transforms
 from larvseg_jax.errors import ConfigError, UserError
@@ -372,6 +372,7 @@ def run(argv: list[str]) -> int:
 
 
 def main() -> None:
+    logs.quiet_benign()
     sys.exit(run(sys.argv[1:]))
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
-from larvseg_jax import ca_visualize, visualize
+from larvseg_jax import ca_visualize, logs, visualize
 from larvseg_jax.analysis import affinity, evalset, oracle
 from larvseg_jax.data import transforms
 from larvseg_jax.errors import ConfigError, UserError
@@ -301,6 +301,7 @@ def run(argv: list[str]) -> int:
 
 
 def main() -> None:
+    logs.quiet_benign()
     sys.exit(run(sys.argv[1:]))
 
 
