@@ -8,11 +8,17 @@ the model calls, compilations, and the projected time of A150 validation (2,000 
 
   python benchmarks/eval_speed.py --variant tiny --crop 64 --images 64
   python benchmarks/eval_speed.py --variant B/16 --crop 512 --images 8
+  python benchmarks/eval_speed.py --variant tiny --crop 512 --images 8 --classes 11276 \
+      --paths batched          # the I11K vocabulary, class-chunked (eval.class_chunk)
+
+"peak_rss_gib" is the process's peak resident memory after each path (the batched path runs
+first, so its figure is its own).
 """
 
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 
@@ -66,6 +72,8 @@ def main():
     p.add_argument(
         "--batch", type=int, default=8, help="windows per model call (eval.batch_windows)"
     )
+    p.add_argument("--class-chunk", type=int, default=1024, help="eval.class_chunk (0 = off)")
+    p.add_argument("--paths", default="batched,per_image", help="which of batched,per_image to run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--out", default=os.path.join(os.path.dirname(__file__), "results", "eval_speed_cpu.jsonl")
@@ -97,6 +105,7 @@ def main():
         "windows": windows,
         "distinct_sizes": len({(im.shape, hw) for _, im, hw in items}),
         "batch": args.batch,
+        "class_chunk": args.class_chunk,
         "window_gflop": window_flops / 1e9,
     }
     device = jax.devices()[0]
@@ -109,6 +118,7 @@ def main():
             stride=args.crop,
             batch=args.batch,
             devices=[device],
+            class_chunk=args.class_chunk,
         )
         for _ in runner.run(items):
             pass
@@ -126,7 +136,10 @@ def main():
             )
             np.asarray(slide.resize_to_labels(logits, out_hw)[0])
 
+    paths = args.paths.split(",")
     for name, fn in (("batched", batched), ("per_image", per_image)):
+        if name not in paths:
+            continue
         cold, compiles, compile_s = timed(fn)
         warm, _, _ = timed(fn)
         row[name] = {
@@ -138,9 +151,11 @@ def main():
             "windows_per_s": round(windows / warm, 3),
             "gflop_per_s": round(windows * window_flops / warm / 1e9, 2),
             "a150_val_projected_s": round(A150_VAL_IMAGES / (args.images / warm) + compile_s, 1),
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         }
-    row["speedup_warm"] = round(row["per_image"]["warm_s"] / row["batched"]["warm_s"], 3)
-    row["speedup_cold"] = round(row["per_image"]["cold_s"] / row["batched"]["cold_s"], 3)
+    if len(paths) == 2:
+        row["speedup_warm"] = round(row["per_image"]["warm_s"] / row["batched"]["warm_s"], 3)
+        row["speedup_cold"] = round(row["per_image"]["cold_s"] / row["batched"]["cold_s"], 3)
     line = json.dumps(row)
     print(line)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -181,6 +181,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Windows per model call and device: the windows of consecutive images share one batch, so
     # evaluation compiles one model program whatever the image sizes (see larvseg_jax/slide.py).
     cfg.eval.batch_windows = 8
+    # Vocabularies larger than this are accumulated and resized this many classes at a time
+    # (the 11K-21K ImageNet vocabularies: an unchunked 512 x 768 accumulator at 11K classes
+    # needs 17 GB); the labels are the same. 0 = never chunk.
+    cfg.eval.class_chunk = 1024
     # mIoU per frequency bucket of the training images that carry each class (counted by the
     # converter for the eval set's frequency source, e.g. wa150 for a150): rare = at most 10
     # images, common = 11..100, frequent = more than 100 (the LVIS convention).

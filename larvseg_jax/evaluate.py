@@ -231,6 +231,7 @@ def run_evaluation(
     progress: bool = True,
     devices: Sequence[jax.Device] | None = None,
     batch_windows: int = 8,
+    class_chunk: int = 0,
     class_counts: Mapping[str, int] | None = None,
     frequency_source: str = "",
     frequency_note: str = "",
@@ -257,6 +258,8 @@ def run_evaluation(
       progress: report progress with rate and ETA (a bar on a terminal, else log lines).
       devices: where images go, round-robin; default all local devices.
       batch_windows: windows per model call and device.
+      class_chunk: classes accumulated and resized at a time when there are more (see
+        `slide.SlideRunner`); 0 = all at once.
       class_counts: training images per class name, for the frequency buckets; None = none.
       frequency_source: the training source the counts come from (written in the JSON).
       frequency_note: why there are no counts (written when class_counts is None).
@@ -282,6 +285,7 @@ def run_evaluation(
         mode=mode,
         batch=batch_windows,
         devices=devices,
+        class_chunk=class_chunk,
     )
 
     def items():

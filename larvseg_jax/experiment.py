@@ -58,6 +58,7 @@ class LoopSettings:
     eval_stride: int
     eval_max_images: int
     eval_batch_windows: int  # windows per model call and device
+    eval_class_chunk: int  # classes accumulated at a time for large vocabularies; 0 = all
     eval_frequency_buckets: tuple[int, int]  # (rare_max, common_max) training images
     num_panels: int
 
@@ -214,6 +215,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for key in ("short_side", "crop_size", "stride", "batch_windows"):
         _int(cfg.eval[key], f"eval.{key}")
         _check(cfg.eval[key] >= 1, f"eval.{key} must be >= 1")
+    _int(cfg.eval.class_chunk, "eval.class_chunk")
+    _check(cfg.eval.class_chunk >= 0, "eval.class_chunk must be >= 0 (0 = never chunk)")
     buckets = tuple(cfg.eval.frequency_buckets)
     _check(
         len(buckets) == 2
@@ -361,6 +364,7 @@ def loop_settings(cfg: ml_collections.ConfigDict) -> LoopSettings:
         eval_stride=cfg.eval.stride,
         eval_max_images=cfg.eval.max_images,
         eval_batch_windows=cfg.eval.batch_windows,
+        eval_class_chunk=cfg.eval.class_chunk,
         eval_frequency_buckets=tuple(int(t) for t in cfg.eval.frequency_buckets),
         num_panels=cfg.eval.num_panels,
     )

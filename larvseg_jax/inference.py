@@ -132,6 +132,8 @@ class Predictor:
             devices=self.devices,
             confidence=True,
             full_batches=full_batches,
+            # Checkpoints from before the key: the default of configs/base.py.
+            class_chunk=int(self.cfg.eval.get("class_chunk", 1024)),
         )
 
     def segment_many(

@@ -16,6 +16,14 @@ The numbers are those of the per-image path (`slide_inference` + `resize_to_labe
 reference): windows, accumulation and division are the same operations; the final resize is the
 same two-tap sum. Images with a window smaller than the crop (a side shorter than the crop after
 the evaluation resize) and "whole" mode take the per-image path, compiled per shape.
+
+Large vocabularies (`class_chunk` < N, e.g. the 11K-21K ImageNet classes): the accumulator
+[Hb, Wb, N] would not fit (17 GB for a 512 x 768 bucket at 11K classes). The runner then keeps
+each image's window logits at the feature resolution (32 x 32 x N per window) and accumulates and
+resizes `class_chunk` classes at a time, keeping per output pixel the best value and class so far
+and per input pixel the running softmax statistics (max, sum of exponentials) for the
+confidence. The labels are the unchunked argmax (same per-class arithmetic, ties to the lower
+class id); the confidence equals it to float rounding.
 """
 
 import collections
@@ -217,6 +225,75 @@ def _resize_tiles(acc, count, rows, cols, *, confidence):
     )
 
 
+# ---- class chunks (large vocabularies) ----
+
+
+def _chunk_classes(c0: jax.Array, c_end: jax.Array, num_classes: int, chunk: int):
+    """The chunk's first class as read (c0 clamped so that `chunk` classes fit) and a mask of
+    the classes it owns (c0..c_end-1; the clamped last chunk re-reads some of its neighbour)."""
+    start = jnp.minimum(c0, num_classes - chunk)
+    ids = start + jnp.arange(chunk)
+    return start, (ids >= c0) & (ids < c_end)
+
+
+@functools.partial(jax.jit, static_argnames=("hw", "num_classes"), donate_argnums=(0, 1))
+def _accumulate_chunk(acc, count, logits, first, num, y1, x1, transposed, c0, *, hw, num_classes):
+    """`_accumulate_batch` for the classes c0..c0+chunk-1 of the window logits."""
+    chunk = acc.shape[-1]
+    start, _ = _chunk_classes(c0, c0 + chunk, num_classes, chunk)
+    # Only square windows are ever transposed (the per-image path's windows are not).
+    transposed = transposed if hw[0] == hw[1] else False
+
+    def body(k, carry):
+        b = first + k
+        window = lax.dynamic_index_in_dim(logits, b, keepdims=False)
+        window = lax.dynamic_slice_in_dim(window, start, chunk, axis=-1).astype(jnp.float32)
+        return _add_window(*carry, window, y1[b], x1[b], hw, transposed)
+
+    return lax.fori_loop(0, num, body, (acc, count))
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes",), donate_argnums=(6, 7))
+def _chunk_labels(acc, count, rows, cols, c0, c_end, best, label, *, num_classes):
+    """Tiles [K] of one class chunk: updates the running best resized logit and its class
+    (strictly greater wins, so ties go to the lower class id, as argmax)."""
+    start, owned = _chunk_classes(c0, c_end, num_classes, acc.shape[-1])
+
+    def tile(args):
+        r, c, best, label = args
+
+        def logits_at(i, j):
+            return acc[i, j] / count[i, j][..., None]
+
+        values = jnp.where(owned, _two_tap(logits_at, r, c), -jnp.inf)
+        top = values.max(-1)
+        better = top > best
+        ids = (start + jnp.argmax(values, axis=-1)).astype(jnp.int32)
+        return jnp.where(better, top, best), jnp.where(better, ids, label)
+
+    return lax.map(tile, (rows, cols, best, label))
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes",), donate_argnums=(4, 5))
+def _chunk_softmax_stats(acc, count, c0, c_end, top, total, *, num_classes):
+    """Merges one chunk into the per-input-pixel softmax statistics: max logit `top` and
+    sum of exp(logit - top) `total` ([Hb, Wb]; padding pixels stay finite)."""
+    _, owned = _chunk_classes(c0, c_end, num_classes, acc.shape[-1])
+    logits = jnp.where(owned, acc / jnp.maximum(count, 1.0)[..., None], -jnp.inf)
+    chunk_top = logits.max(-1)
+    new_top = jnp.maximum(top, chunk_top)
+    chunk_total = jnp.exp(logits - chunk_top[..., None]).sum(-1)
+    total = total * jnp.exp(top - new_top) + chunk_total * jnp.exp(chunk_top - new_top)
+    return new_top, total
+
+
+@jax.jit
+def _confidence_tiles(total, rows, cols):
+    """Tiles [K] of the resized softmax maximum, which is 1 / total at each input pixel."""
+    probability = 1.0 / total
+    return lax.map(lambda rc: _two_tap(lambda i, j: probability[i, j], rc[0], rc[1]), (rows, cols))
+
+
 def resize_to_labels(
     logits: jax.Array, out_hw: Sequence[int], confidence: bool = False
 ) -> tuple[jax.Array, jax.Array | None]:
@@ -271,6 +348,9 @@ class _Image:
     count: Any = None
     transposed: bool = False  # stored as [W, H] (portrait image, square crop)
     tiles: list = dataclasses.field(default_factory=list)  # resize outputs, on the device
+    # Class-chunked runs: (logits [B, h', w', N], first, num, y1 [B], x1 [B], window hw) parts
+    # of the model outputs holding this image's windows, kept until its last window is in.
+    parts: list = dataclasses.field(default_factory=list)
     after: int = -1  # its device's work count when its resize was dispatched
 
 
@@ -295,6 +375,7 @@ class SlideRunner:
         devices: Sequence[jax.Device] | None = None,
         confidence: bool = False,
         full_batches: bool = True,
+        class_chunk: int = 0,
     ):
         """
         Args:
@@ -310,6 +391,8 @@ class SlideRunner:
             across device counts); False pads to a power of two instead (less work for one
             small image, as in the demo; a float-rounding difference may then flip a pixel
             where two classes tie).
+          class_chunk: accumulate and resize this many classes at a time when N is larger
+            (large vocabularies; see the module docstring); 0 = all classes at once.
         """
         if mode not in ("slide", "whole"):
             raise ValueError(f"mode must be 'slide' or 'whole', got {mode!r}")
@@ -318,6 +401,9 @@ class SlideRunner:
         self.predict_fn, self.num_classes = predict_fn, num_classes
         self.crop, self.stride, self.mode = _pair(crop), _pair(stride), mode
         self.batch, self.confidence, self.full_batches = int(batch), confidence, full_batches
+        if class_chunk < 0:
+            raise ValueError(f"class_chunk must be 0 (off) or positive, got {class_chunk}")
+        self.class_chunk = int(class_chunk) if 0 < class_chunk < num_classes else 0
         self.devices = list(jax.local_devices() if devices is None else devices)
         self._buffers = {d: [] for d in self.devices}  # (image, window index) waiting per device
         self._work = {d: 0 for d in self.devices}  # batches and per-image calls per device
@@ -352,6 +438,9 @@ class SlideRunner:
             (y2 - y1, x2 - x1) != self.crop for y1, y2, x1, x2 in windows
         ):
             self._work[item.device] += 1
+            if self.class_chunk:
+                self._predict_alone(item, windows or [(0, h, 0, w)])
+                return
             logits = slide_inference(
                 self.predict_fn,
                 item.image,
@@ -394,17 +483,23 @@ class SlideRunner:
             num = 1
             while b + num < len(buffer) and buffer[b + num][0] is item:
                 num += 1
-            if item.acc is None:
+            if item.acc is None and not self.class_chunk:
                 with jax.default_device(device):
                     zeros = _zeros(shape=self._bucket(item), num_classes=self.num_classes)
                 # Committed, as the accumulation's outputs are: one program, not two.
                 item.acc, item.count = jax.device_put(zeros, device)
-            item.acc, item.count = _accumulate_batch(
-                item.acc, item.count, logits, b, num, y1, x1, item.transposed, hw=self.crop
-            )
+            if self.class_chunk:
+                item.parts.append((logits, b, num, y1, x1, self.crop))
+            else:
+                item.acc, item.count = _accumulate_batch(
+                    item.acc, item.count, logits, b, num, y1, x1, item.transposed, hw=self.crop
+                )
             item.queued += num
             if item.queued == len(item.windows):
-                self._resize(item, item.acc, item.count)
+                if self.class_chunk:
+                    self._resize_chunked(item)
+                else:
+                    self._resize(item, item.acc, item.count)
                 item.acc = item.count = None
             b += num
 
@@ -417,10 +512,12 @@ class SlideRunner:
             h, w = w, h
         return _bucket_side(h, self.crop[0]), _bucket_side(w, self.crop[1])
 
-    def _resize(self, item: _Image, acc: jax.Array, count: jax.Array | None) -> None:
-        """Dispatches the final resize of one image, TILES_PER_CALL tiles at a time."""
+    def _tile_taps(self, item: _Image) -> list:
+        """[(corners, rows [K, 4, T], cols [K, 4, T])]: the image's output tiles in calls of
+        TILES_PER_CALL (the last padded with repeats), taps on its device."""
         (h, w), (h0, w0) = item.image.shape[:2], item.out_hw
         corners = [(r, c) for r in range(0, h0, TILE) for c in range(0, w0, TILE)]
+        calls = []
         for start in range(0, len(corners), TILES_PER_CALL):
             chunk = corners[start : start + TILES_PER_CALL]
             chunk = chunk + [chunk[-1]] * (TILES_PER_CALL - len(chunk))
@@ -429,8 +526,59 @@ class SlideRunner:
             if item.transposed:  # the accumulator's rows are the image's columns
                 rows, cols = cols, rows
             rows, cols = jax.device_put((rows, cols), item.device)
+            calls.append((corners[start : start + TILES_PER_CALL], rows, cols))
+        return calls
+
+    def _resize(self, item: _Image, acc: jax.Array, count: jax.Array | None) -> None:
+        """Dispatches the final resize of one image, TILES_PER_CALL tiles at a time."""
+        for corners, rows, cols in self._tile_taps(item):
             out = _resize_tiles(acc, count, rows, cols, confidence=self.confidence)
-            item.tiles.append((corners[start : start + TILES_PER_CALL], out))
+            item.tiles.append((corners, out))
+        item.after = self._work[item.device]
+
+    def _predict_alone(self, item: _Image, windows: list) -> None:
+        """Class-chunked per-image path ("whole" mode, windows smaller than the crop): one model
+        call per window, kept as parts."""
+        with jax.default_device(item.device):
+            image = jax.device_put(item.image, item.device)
+            for y1, y2, x1, x2 in windows:
+                hw = (y2 - y1, x2 - x1)
+                logits = _checked(self.predict_fn(_crop(image, y1, x1, hw=hw)), 1, self.num_classes)
+                at = jax.device_put((np.int32([y1]), np.int32([x1])), item.device)
+                item.parts.append((logits, 0, 1, *at, hw))
+        self._resize_chunked(item)
+
+    def _resize_chunked(self, item: _Image) -> None:
+        """Accumulates and resizes `class_chunk` classes at a time, merging labels (and the
+        softmax statistics of the confidence) across chunks; drops the kept window logits."""
+        n, chunk, device = self.num_classes, self.class_chunk, item.device
+        calls = self._tile_taps(item)
+        shape = (len(calls), TILES_PER_CALL, TILE, TILE)
+        with jax.default_device(device):
+            best = [jnp.full(shape[1:], -jnp.inf, jnp.float32) for _ in calls]
+            label = [jnp.zeros(shape[1:], jnp.int32) for _ in calls]
+            bucket = self._bucket(item)
+            top, total = jnp.full(bucket, -jnp.inf), jnp.zeros(bucket)
+            for c0 in range(0, n, chunk):
+                c_end = min(c0 + chunk, n)
+                acc, count = jax.device_put(_zeros(shape=bucket, num_classes=chunk), device)
+                for logits, first, num, y1, x1, hw in item.parts:
+                    acc, count = _accumulate_chunk(
+                        acc, count, logits, first, num, y1, x1, item.transposed, c0,
+                        hw=hw, num_classes=n,
+                    )  # fmt: skip
+                for k, (_, rows, cols) in enumerate(calls):
+                    best[k], label[k] = _chunk_labels(
+                        acc, count, rows, cols, c0, c_end, best[k], label[k], num_classes=n
+                    )
+                if self.confidence:
+                    top, total = _chunk_softmax_stats(
+                        acc, count, c0, c_end, top, total, num_classes=n
+                    )
+        for k, (corners, rows, cols) in enumerate(calls):
+            conf = _confidence_tiles(total, rows, cols) if self.confidence else None
+            item.tiles.append((corners, (label[k], conf)))
+        item.parts = []
         item.after = self._work[item.device]
 
     def _read(self, item: _Image) -> tuple[Any, np.ndarray, np.ndarray | None]:

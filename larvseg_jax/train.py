@@ -283,6 +283,7 @@ def run_eval(setup: Setup, state: TrainState, step: int, writer: Any) -> dict:
         frequency_note=note,
         bucket_thresholds=loop.eval_frequency_buckets,
         batch_windows=loop.eval_batch_windows,
+        class_chunk=loop.eval_class_chunk,
     )
     panels = report.pop("panels", [])
     scalars = {k: report[k] for k in ("miou", "miou_base", "miou_novel", "hiou", "pixel_acc")}

@@ -2,6 +2,7 @@
 handful of programs for a dataset of many image sizes."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax._src.dispatch import BACKEND_COMPILE_EVENT
@@ -41,10 +42,11 @@ SIZES = list(
 
 
 @pytest.mark.parametrize(
-    "batch, num_devices, full",
-    [(1, 1, True), (3, 1, True), (2, 3, True), (8, 3, False)],
+    "batch, num_devices, full, class_chunk",
+    # class_chunk 2 of N = 5 classes: chunks 0-1, 2-3 and 4 (read as 3-4, class 3 masked).
+    [(1, 1, True, 0), (3, 1, True, 0), (2, 3, True, 0), (8, 3, False, 0), (3, 2, True, 2)],
 )
-def test_runner_equals_the_per_image_path(batch, num_devices, full):
+def test_runner_equals_the_per_image_path(batch, num_devices, full, class_chunk):
     data = images(0, SIZES)
     runner = slide.SlideRunner(
         fake_predict,
@@ -55,6 +57,7 @@ def test_runner_equals_the_per_image_path(batch, num_devices, full):
         devices=jax.local_devices()[:num_devices],
         confidence=True,
         full_batches=full,
+        class_chunk=class_chunk,
     )
     out = list(runner.run(data))
     assert [tag for tag, _, _ in out] == [i for i, _, _ in data]  # input order
@@ -74,15 +77,56 @@ def test_runner_equals_the_per_image_path(batch, num_devices, full):
         assert runner.windows_run % batch == 0
 
 
-def test_whole_mode_and_no_confidence():
+@pytest.mark.parametrize("class_chunk", [0, 3])
+def test_whole_mode_and_no_confidence(class_chunk):
     data = images(1, SIZES[:3])
     runner = slide.SlideRunner(
-        fake_predict, num_classes=N, crop=CROP, stride=STRIDE, mode="whole", batch=4
+        fake_predict,
+        num_classes=N,
+        crop=CROP,
+        stride=STRIDE,
+        mode="whole",
+        batch=4,
+        class_chunk=class_chunk,
     )
     for (_, labels, conf), (_, image, hw0) in zip(runner.run(data), data, strict=True):
         assert conf is None
         np.testing.assert_array_equal(labels, per_image(image, hw0, mode="whole")[0])
     assert runner.windows_run == 0
+
+
+def test_class_chunks_keep_ties_and_the_large_vocabulary_off_the_accumulator():
+    """Chunks hand ties to the lower class id, as argmax does (duplicated logit columns: a
+    class and its copy in another chunk tie everywhere), and never allocate [H, W, N]."""
+    n = 7
+
+    def predict(x):  # columns 5, 6 copy 0, 1: every pixel's best has a twin in a later chunk
+        logits = fake_predict(x)
+        return jnp.concatenate([logits, logits[..., :2]], axis=-1)
+
+    data = images(5, SIZES[:2] + SIZES[4:5])
+    runner = slide.SlideRunner(
+        predict, num_classes=n, crop=CROP, stride=STRIDE, batch=4, class_chunk=2, confidence=True
+    )
+    allocated = []
+    zeros = slide._zeros
+
+    def recording_zeros(*, shape, num_classes):
+        allocated.append(num_classes)
+        return zeros(shape=shape, num_classes=num_classes)
+
+    slide._zeros = recording_zeros
+    try:
+        out = list(runner.run(data))
+    finally:
+        slide._zeros = zeros
+    assert allocated and set(allocated) == {2}
+    for (_, labels, conf), (_, image, hw0) in zip(out, data, strict=True):
+        logits = slide.slide_inference(predict, image, num_classes=n, crop=CROP, stride=STRIDE)
+        want_labels, want_conf = slide.resize_to_labels(logits, hw0, confidence=True)
+        np.testing.assert_array_equal(labels, np.asarray(want_labels))
+        assert labels.max() < 5  # the copies never win
+        np.testing.assert_allclose(conf, np.asarray(want_conf), rtol=1e-6, atol=1e-7)
 
 
 def test_bad_predict_fn_and_settings_are_named():
@@ -96,6 +140,8 @@ def test_bad_predict_fn_and_settings_are_named():
         slide.SlideRunner(fake_predict, num_classes=N, crop=CROP, stride=CROP, mode="tiles")
     with pytest.raises(ValueError, match="batch must be"):
         slide.SlideRunner(fake_predict, num_classes=N, crop=CROP, stride=CROP, batch=0)
+    with pytest.raises(ValueError, match="class_chunk must be"):
+        slide.SlideRunner(fake_predict, num_classes=N, crop=CROP, stride=CROP, class_chunk=-1)
 
 
 def test_many_image_sizes_compile_a_handful_of_programs():
