@@ -1,0 +1,230 @@
+"""Where the ViT-B/16 training time goes, JAX against PyTorch, one run (the profile behind the
+README's "Speed against PyTorch").
+
+1. The backbone alone, forward + backward (loss = <features, fixed random tensor>), batch 2 at
+   512, JAX and PyTorch alternating round by round: the ratio of paired rounds.
+2. Its parts alone, fwd + bwd at the same shapes ([2, 1025, 768] tokens): the attention core
+   (this project's custom-VJP blockwise form, JAX autodiff, PyTorch's fused
+   scaled_dot_product_attention), LayerNorm, the MLP and the QKV projection.
+3. With --trace: one JAX backbone step under jax.profiler, its XLA ops summed by kind: the large
+   dense matmuls and the attention's small matmuls with their achieved GFLOP/s, and the rest.
+
+  pip install -r requirements-bench.txt
+  python benchmarks/backbone_parts.py --depth 4 --rounds 4 --trace
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torch_reference
+
+from larvseg_jax.models import attention, vit
+
+B, CROP, D, HEADS, MLP = 2, 512, 768, 12, 3072
+N = (CROP // 16) ** 2 + 1
+
+
+def median_time(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def jax_backbone(depth: int):
+    model = vit.vit_from_variant("B/16", pos_grid=(32, 32), drop_path_rate=0.1, depth=depth)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(B, CROP, CROP, 3)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(B, 32, 32, D)).astype(np.float32))
+    keys = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
+    params = model.init(keys, x[:1], train=True)["params"]
+
+    def loss(p, x, key):
+        return jnp.sum(model.apply({"params": p}, x, train=True, rngs={"dropout": key}) * w)
+
+    grad = jax.jit(jax.grad(loss))
+    key = jax.random.PRNGKey(2)
+    return grad, (params, x, key)
+
+
+def torch_backbone(depth: int):
+    net = torch_reference.PlainViT(CROP, D, depth, HEADS, MLP, 16, 0.1)
+    x, w = torch.randn(B, 3, CROP, CROP), torch.randn(B, N, D)
+
+    def step():
+        net.zero_grad()
+        (net.forward_features(x) * w).sum().backward()
+
+    return step
+
+
+def parts(reps: int) -> dict:
+    """Seconds per fwd + bwd of each part alone, JAX and PyTorch."""
+    rng = np.random.default_rng(0)
+    out = {}
+    q, k, v = (
+        jnp.asarray(rng.normal(size=(B, HEADS, N, D // HEADS)).astype(np.float32)) for _ in "qkv"
+    )
+    for impl in ("custom_vjp", "xla"):
+        g = jax.jit(
+            jax.grad(
+                lambda q, k, v, impl=impl: jnp.sum(
+                    attention.attention(q, k, v, implementation=impl) * q
+                ),
+                argnums=(0, 1, 2),
+            )
+        )
+        out[f"attention_jax_{impl}"] = median_time(
+            lambda g=g: jax.block_until_ready(g(q, k, v)), reps
+        )
+    qt, kt, vt = (torch.tensor(np.asarray(t), requires_grad=True) for t in (q, k, v))
+    out["attention_torch_sdpa"] = median_time(
+        lambda: (F.scaled_dot_product_attention(qt, kt, vt) * qt).sum().backward(), reps
+    )
+    x = jnp.asarray(rng.normal(size=(B, N, D)).astype(np.float32))
+    xt = torch.tensor(np.asarray(x), requires_grad=True)
+    modules = {
+        "layernorm": (nn.LayerNorm(epsilon=1e-6), torch.nn.LayerNorm(D, eps=1e-6)),
+        "mlp": (
+            nn.Sequential([nn.Dense(MLP), lambda y: nn.gelu(y, approximate=False), nn.Dense(D)]),
+            torch.nn.Sequential(torch.nn.Linear(D, MLP), torch.nn.GELU(), torch.nn.Linear(MLP, D)),
+        ),
+        "qkv": (nn.Dense(3 * D), torch.nn.Linear(D, 3 * D)),
+    }
+    for name, (jax_module, torch_module) in modules.items():
+        p = jax_module.init(jax.random.PRNGKey(0), x)
+        sink = jnp.asarray(rng.normal(size=jax_module.apply(p, x).shape).astype(np.float32))
+        g = jax.jit(
+            jax.grad(lambda p, x, m=jax_module, s=sink: jnp.sum(m.apply(p, x) * s), argnums=(0, 1))
+        )
+        out[f"{name}_jax"] = median_time(lambda g=g, p=p: jax.block_until_ready(g(p, x)), reps)
+        sink_t = torch.tensor(np.asarray(sink))
+        out[f"{name}_torch"] = median_time(
+            lambda m=torch_module, s=sink_t: (m(xt) * s).sum().backward(), reps
+        )
+    return out
+
+
+def _dot_flops(body: str) -> int:
+    """2 x output size x contraction size of every dot in a fused computation's HLO text."""
+    total = 0
+    for line in body.splitlines():
+        if " dot(" not in line:
+            continue
+        out = re.search(r"= f32\[([\d,]*)\]", line)
+        lhs = re.search(r"dot\(%(\S+),", line)
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
+        lhs_shape = lhs and re.search(r"%" + re.escape(lhs.group(1)) + r" = f32\[([\d,]*)\]", body)
+        if not (out and contracting and lhs_shape):
+            continue
+        dims = [int(s) for s in lhs_shape.group(1).split(",")]
+        k = int(np.prod([dims[int(i)] for i in contracting.group(1).split(",")]))
+        total += 2 * k * int(np.prod([int(s) for s in out.group(1).split(",") if s]))
+    return total
+
+
+def trace_breakdown(grad, args) -> dict:
+    """Sums one traced step's XLA ops: dense matmuls (>= 1 GFLOP each), attention matmuls
+    (smaller), everything else; with the wall time of the step."""
+    hlo = grad.lower(*args).compile().as_text()
+    calls = dict(re.findall(r"%(\S+) = [^\n]*?calls=%(fused_computation[.\d]*)", hlo))
+    bodies = {
+        m.group(1): m.group(2)
+        for m in re.finditer(
+            r"^%(fused_computation[.\d]*) .*? \{\n(.*?)^\}", hlo, re.MULTILINE | re.DOTALL
+        )
+    }
+    jax.block_until_ready(grad(*args))
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            t0 = time.perf_counter()
+            jax.block_until_ready(grad(*args))
+            wall = time.perf_counter() - t0
+        path = glob.glob(os.path.join(folder, "**", "*.trace.json.gz"), recursive=True)[0]
+        with gzip.open(path) as f:
+            events = json.load(f)["traceEvents"]
+    kinds = collections.defaultdict(lambda: {"ms": 0.0, "gflop": 0.0, "ops": 0})
+    for e in events:
+        if e.get("ph") != "X" or "hlo_op" not in e.get("args", {}):
+            continue
+        flops = _dot_flops(bodies.get(calls.get(e["name"], ""), ""))
+        kind = "other"
+        if flops:
+            kind = "dense_matmul" if flops >= 1e9 else "attention_matmul"
+        kinds[kind]["ms"] += e["dur"] / 1e3
+        kinds[kind]["gflop"] += flops / 1e9
+        kinds[kind]["ops"] += 1
+    for v in kinds.values():
+        v["gflop_per_s"] = round(v["gflop"] / v["ms"] * 1e3, 1) if v["gflop"] else None
+        v["ms"], v["gflop"] = round(v["ms"], 1), round(v["gflop"], 1)
+    return {"wall_s": round(wall, 3), "ops_by_kind": dict(kinds)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--depth", type=int, default=12, help="transformer blocks (12 in ViT-B/16)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--trace", action="store_true", help="also profile one JAX step")
+    p.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    p.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(__file__), "results", "backbone_parts_cpu.jsonl"),
+    )
+    args = p.parse_args()
+    torch.set_num_threads(args.torch_threads)
+    grad, grad_args = jax_backbone(args.depth)
+    torch_step = torch_backbone(args.depth)
+    jax.block_until_ready(grad(*grad_args))
+    torch_step()
+    times = {"jax": [], "torch": []}
+    for _ in range(args.rounds):
+        t0 = time.perf_counter()
+        jax.block_until_ready(grad(*grad_args))
+        times["jax"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        torch_step()
+        times["torch"].append(time.perf_counter() - t0)
+    ratio = float(np.median(np.array(times["jax"]) / np.array(times["torch"])))
+    row = {
+        "name": "backbone_parts",
+        "device": jax.devices()[0].device_kind,
+        "threads": args.torch_threads,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "depth": args.depth,
+        "batch": B,
+        "crop": CROP,
+        "backbone_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
+        "backbone_jax_over_torch": round(ratio, 3),
+        "parts_s": {k: round(v, 4) for k, v in parts(max(args.rounds, 3)).items()},
+    }
+    if args.trace:
+        row["jax_trace"] = trace_breakdown(grad, grad_args)
+    line = json.dumps(row)
+    print(line)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "a") as f:
+        f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
