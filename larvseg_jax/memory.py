@@ -97,9 +97,15 @@ def describe(parts: dict[str, int]) -> str:
     return f"{size(parts['peak'])} per device at peak ({listed})"
 
 
-def check_fits(parts: dict[str, int], knobs_to_turn: list[str], device: Any) -> None:
-    """Raises a one-line ConfigError when the step's peak exceeds what `device` can hold."""
-    limit, source = capacity(device)
+def check_fits(
+    parts: dict[str, int],
+    knobs_to_turn: list[str],
+    device: Any,
+    limit: tuple[int, str] | None = None,
+) -> None:
+    """Raises a one-line ConfigError when the step's peak exceeds what `device` can hold (or
+    `limit`: bytes and where the number comes from, e.g. a command-line flag)."""
+    limit, source = capacity(device) if limit is None else limit
     if limit <= 0 or parts["peak"] <= USABLE_FRACTION * limit:
         return
     raise ConfigError(

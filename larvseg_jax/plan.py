@@ -106,10 +106,11 @@ def main(argv):
             f"{config_flags.get_config_filename(FLAGS['config'])} on {len(devices)} x {devices[0].device_kind}, "
             f"{parts['groups_per_device']} group(s) per device: {memory.describe(parts)}"
         )
+        limit = None
         if FLAGS.memory_gib is not None:
-            os.environ[memory.CAPACITY_ENV] = str(int(FLAGS.memory_gib * memory.GIB))
+            limit = (int(FLAGS.memory_gib * memory.GIB), f"--memory_gib {FLAGS.memory_gib:g}")
         if FLAGS.memory_gib is not None or devices[0].platform != "cpu":
-            memory.check_fits(parts, parts["knobs"], devices[0])
+            memory.check_fits(parts, parts["knobs"], devices[0], limit)
             print("fits")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -105,3 +105,4 @@ def test_plan_command():
     )
     assert "configs/smoke.py on 2 x cpu, 4 group(s) per device:" in proc.stdout
     assert proc.returncode == 1 and proc.stderr.startswith("error: the train step needs")
+    assert "but --memory_gib 0.001 allows" in proc.stderr
