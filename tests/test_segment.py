@@ -115,6 +115,19 @@ def test_the_prediction_is_the_one_evaluation_scores(workdir, predictor):
     ((_, want, _),) = runner.run([(None, image, rgb.shape[:2])])
     ((_, got),) = predictor.segment_many([(None, rgb)], predictor.index(predictor.default_names))
     np.testing.assert_array_equal(got.labels, want)
+    # eval.class_chunk of the checkpoint's config reaches the runner: 3 classes at a time
+    # (large-vocabulary path) gives the same labels.
+    assert len(predictor.default_names) > 3
+    predictor.cfg.eval.class_chunk = 3
+    try:
+        assert predictor.runner(predictor.index(predictor.default_names)).class_chunk == 3
+        ((_, chunked),) = predictor.segment_many(
+            [(None, rgb)], predictor.index(predictor.default_names)
+        )
+    finally:
+        predictor.cfg.eval.class_chunk = 1024
+    np.testing.assert_array_equal(chunked.labels, want)
+    np.testing.assert_allclose(chunked.confidence, got.confidence, rtol=1e-5, atol=1e-6)
     # and the per-image reference path (SPEC 7.2) up to float rounding near ties
     logits = slide.slide_inference(
         train.make_predict_fn(setup, state.params),
