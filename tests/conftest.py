@@ -63,3 +63,17 @@ def smoke_ca_run(tmp_path_factory) -> pathlib.Path:
     path = tmp_path_factory.mktemp("smoke_ca_run")
     train.train_and_evaluate(cfg, str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def workdir(smoke_ca_run) -> pathlib.Path:
+    """The trained smoke LarvSeg run, for the modules that segment with it."""
+    return smoke_ca_run
+
+
+@pytest.fixture(scope="module")
+def predictor(workdir):
+    """`smoke_ca_run` restored for inference, once per module (tests may change its cfg)."""
+    from larvseg_jax import inference
+
+    return inference.load(str(workdir))

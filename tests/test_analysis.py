@@ -12,22 +12,12 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
-from larvseg_jax import evaluate, inference
+from larvseg_jax import evaluate
 from larvseg_jax.analysis import affinity, compare, evalset, oracle, response_maps
 from larvseg_jax.data import transforms
 from tests import reference
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-
-
-@pytest.fixture(scope="module")
-def workdir(smoke_ca_run):
-    return smoke_ca_run
-
-
-@pytest.fixture(scope="module")
-def predictor(workdir):
-    return inference.load(str(workdir))
 
 
 @pytest.fixture(scope="module")

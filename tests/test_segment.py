@@ -37,16 +37,6 @@ def _config():  # the config of conftest.smoke_ca_run
 
 
 @pytest.fixture(scope="module")
-def workdir(smoke_ca_run):
-    return smoke_ca_run
-
-
-@pytest.fixture(scope="module")
-def predictor(workdir):
-    return inference.load(str(workdir))
-
-
-@pytest.fixture(scope="module")
 def odd_images(tmp_path_factory):
     """A folder of the fixture photos in every mode a user may have, plus a rotated JPEG."""
     folder = tmp_path_factory.mktemp("odd_images")
