@@ -90,9 +90,10 @@ def _crop(image: jax.Array, y1: jax.Array, x1: jax.Array, *, hw: tuple[int, int]
 
 def _add_window(acc, count, logits, y1, x1, hw, transposed=False):
     """Adds one window's logits [h', w', N], resized to `hw`, at (y1, x1) (SPEC 7.2); with
-    `transposed` (a traced bool; square windows) into a transposed accumulator at (x1, y1)."""
+    `transposed` (a traced bool) into a transposed accumulator at (x1, y1). Only square windows
+    are ever transposed: for the others `transposed` is ignored."""
     up = resize_bilinear(logits, hw)
-    if transposed is not False:
+    if transposed is not False and hw[0] == hw[1]:
         up = jnp.where(transposed, up.swapaxes(0, 1), up)
         y1, x1 = jnp.where(transposed, x1, y1), jnp.where(transposed, y1, x1)
     start = (y1, x1, 0)
@@ -228,36 +229,18 @@ def _resize_tiles(acc, count, rows, cols, *, confidence):
 # ---- class chunks (large vocabularies) ----
 
 
-def _chunk_classes(c0: jax.Array, c_end: jax.Array, num_classes: int, chunk: int):
-    """The chunk's first class as read (c0 clamped so that `chunk` classes fit) and a mask of
-    the classes it owns (c0..c_end-1; the clamped last chunk re-reads some of its neighbour)."""
-    start = jnp.minimum(c0, num_classes - chunk)
+def _owned(start: jax.Array, c0: jax.Array, c_end: jax.Array, chunk: int) -> jax.Array:
+    """[chunk] bool: which of the classes start..start+chunk-1 a chunk owns (c0..c_end-1); the
+    last chunk starts early so that `chunk` classes fit and re-reads some of its neighbour's."""
     ids = start + jnp.arange(chunk)
-    return start, (ids >= c0) & (ids < c_end)
+    return (ids >= c0) & (ids < c_end)
 
 
-@functools.partial(jax.jit, static_argnames=("hw", "num_classes"), donate_argnums=(0, 1))
-def _accumulate_chunk(acc, count, logits, first, num, y1, x1, transposed, c0, *, hw, num_classes):
-    """`_accumulate_batch` for the classes c0..c0+chunk-1 of the window logits."""
-    chunk = acc.shape[-1]
-    start, _ = _chunk_classes(c0, c0 + chunk, num_classes, chunk)
-    # Only square windows are ever transposed (the per-image path's windows are not).
-    transposed = transposed if hw[0] == hw[1] else False
-
-    def body(k, carry):
-        b = first + k
-        window = lax.dynamic_index_in_dim(logits, b, keepdims=False)
-        window = lax.dynamic_slice_in_dim(window, start, chunk, axis=-1).astype(jnp.float32)
-        return _add_window(*carry, window, y1[b], x1[b], hw, transposed)
-
-    return lax.fori_loop(0, num, body, (acc, count))
-
-
-@functools.partial(jax.jit, static_argnames=("num_classes",), donate_argnums=(6, 7))
-def _chunk_labels(acc, count, rows, cols, c0, c_end, best, label, *, num_classes):
+@functools.partial(jax.jit, donate_argnums=(7, 8))
+def _chunk_labels(acc, count, rows, cols, start, c0, c_end, best, label):
     """Tiles [K] of one class chunk: updates the running best resized logit and its class
     (strictly greater wins, so ties go to the lower class id, as argmax)."""
-    start, owned = _chunk_classes(c0, c_end, num_classes, acc.shape[-1])
+    owned = _owned(start, c0, c_end, acc.shape[-1])
 
     def tile(args):
         r, c, best, label = args
@@ -274,11 +257,11 @@ def _chunk_labels(acc, count, rows, cols, c0, c_end, best, label, *, num_classes
     return lax.map(tile, (rows, cols, best, label))
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes",), donate_argnums=(4, 5))
-def _chunk_softmax_stats(acc, count, c0, c_end, top, total, *, num_classes):
+@functools.partial(jax.jit, donate_argnums=(5, 6))
+def _chunk_softmax_stats(acc, count, start, c0, c_end, top, total):
     """Merges one chunk into the per-input-pixel softmax statistics: max logit `top` and
     sum of exp(logit - top) `total` ([Hb, Wb]; padding pixels stay finite)."""
-    _, owned = _chunk_classes(c0, c_end, num_classes, acc.shape[-1])
+    owned = _owned(start, c0, c_end, acc.shape[-1])
     logits = jnp.where(owned, acc / jnp.maximum(count, 1.0)[..., None], -jnp.inf)
     chunk_top = logits.max(-1)
     new_top = jnp.maximum(top, chunk_top)
@@ -322,13 +305,16 @@ def _zeros(*, shape, num_classes):
 
 
 @functools.partial(jax.jit, static_argnames=("hw",), donate_argnums=(0, 1))
-def _accumulate_batch(acc, count, logits, first, num, y1, x1, transposed, *, hw):
+def _accumulate_batch(acc, count, logits, first, num, y1, x1, transposed, start=0, *, hw):
     """Adds windows first..first+num-1 of a batch's logits [B, h', w', N] into one image's
-    accumulators, window k at (y1[k], x1[k]) (bounds are data: one program per bucket)."""
+    accumulators, window k at (y1[k], x1[k]) (bounds are data: one program per bucket); an
+    accumulator of C < N classes takes the classes start..start+C-1 (class chunks)."""
+    classes = acc.shape[-1]
 
     def body(k, carry):
         b = first + k
-        window = lax.dynamic_index_in_dim(logits, b, keepdims=False).astype(jnp.float32)
+        window = lax.dynamic_index_in_dim(logits, b, keepdims=False)
+        window = lax.dynamic_slice_in_dim(window, start, classes, axis=-1).astype(jnp.float32)
         return _add_window(*carry, window, y1[b], x1[b], hw, transposed)
 
     return lax.fori_loop(0, num, body, (acc, count))
@@ -483,14 +469,14 @@ class SlideRunner:
             num = 1
             while b + num < len(buffer) and buffer[b + num][0] is item:
                 num += 1
-            if item.acc is None and not self.class_chunk:
-                with jax.default_device(device):
-                    zeros = _zeros(shape=self._bucket(item), num_classes=self.num_classes)
-                # Committed, as the accumulation's outputs are: one program, not two.
-                item.acc, item.count = jax.device_put(zeros, device)
             if self.class_chunk:
                 item.parts.append((logits, b, num, y1, x1, self.crop))
             else:
+                if item.acc is None:
+                    with jax.default_device(device):
+                        zeros = _zeros(shape=self._bucket(item), num_classes=self.num_classes)
+                    # Committed, as the accumulation's outputs are: one program, not two.
+                    item.acc, item.count = jax.device_put(zeros, device)
                 item.acc, item.count = _accumulate_batch(
                     item.acc, item.count, logits, b, num, y1, x1, item.transposed, hw=self.crop
                 )
@@ -560,21 +546,18 @@ class SlideRunner:
             bucket = self._bucket(item)
             top, total = jnp.full(bucket, -jnp.inf), jnp.zeros(bucket)
             for c0 in range(0, n, chunk):
-                c_end = min(c0 + chunk, n)
+                c_end, start = min(c0 + chunk, n), min(c0, n - chunk)
                 acc, count = jax.device_put(_zeros(shape=bucket, num_classes=chunk), device)
                 for logits, first, num, y1, x1, hw in item.parts:
-                    acc, count = _accumulate_chunk(
-                        acc, count, logits, first, num, y1, x1, item.transposed, c0,
-                        hw=hw, num_classes=n,
-                    )  # fmt: skip
+                    acc, count = _accumulate_batch(
+                        acc, count, logits, first, num, y1, x1, item.transposed, start, hw=hw
+                    )
                 for k, (_, rows, cols) in enumerate(calls):
                     best[k], label[k] = _chunk_labels(
-                        acc, count, rows, cols, c0, c_end, best[k], label[k], num_classes=n
+                        acc, count, rows, cols, start, c0, c_end, best[k], label[k]
                     )
                 if self.confidence:
-                    top, total = _chunk_softmax_stats(
-                        acc, count, c0, c_end, top, total, num_classes=n
-                    )
+                    top, total = _chunk_softmax_stats(acc, count, start, c0, c_end, top, total)
         for k, (corners, rows, cols) in enumerate(calls):
             conf = _confidence_tiles(total, rows, cols) if self.confidence else None
             item.tiles.append((corners, (label[k], conf)))
