@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import jsonl
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -219,11 +220,7 @@ def main():
     }
     if args.trace:
         row["jax_trace"] = trace_breakdown(grad, grad_args)
-    line = json.dumps(row)
-    print(line)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(line + "\n")
+    jsonl.emit([row], args.out)
 
 
 if __name__ == "__main__":

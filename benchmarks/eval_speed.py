@@ -16,7 +16,6 @@ first, so its figure is its own).
 """
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -27,7 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src.dispatch import BACKEND_COMPILE_EVENT
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jsonl
 
 from larvseg_jax import slide
 from larvseg_jax.models import segmenter, vit
@@ -156,11 +158,7 @@ def main():
     if len(paths) == 2:
         row["speedup_warm"] = round(row["per_image"]["warm_s"] / row["batched"]["warm_s"], 3)
         row["speedup_cold"] = round(row["per_image"]["cold_s"] / row["batched"]["cold_s"], 3)
-    line = json.dumps(row)
-    print(line)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(line + "\n")
+    jsonl.emit([row], args.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ max RSS growth over one step). Prints JSON lines and a Markdown table; appends t
 """
 
 import argparse
-import json
 import multiprocessing
 import os
 import sys
@@ -27,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ca_cost
 import jax
 import jax.numpy as jnp
+import jsonl
 import numpy as np
 import torch
 import torch_reference
@@ -207,11 +207,7 @@ def main():
     for name in ("jax", "jax_one_backward"):
         ratios = [a / b for a, b in zip(contenders[name]["times"], contenders["torch"]["times"])]
         rows.append({"name": f"{name}_over_torch", **common, "ratio": float(np.median(ratios))})
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "a") as f:
-        for row in rows:
-            print(json.dumps(row))
-            f.write(json.dumps(row) + "\n")
+    jsonl.emit(rows, args.out)
     print(markdown(rows))
 
 
