@@ -101,7 +101,7 @@ class Predictor:
 
     # ---- prediction ----
 
-    def _input(self, rgb: np.ndarray) -> np.ndarray:
+    def network_input(self, rgb: np.ndarray) -> np.ndarray:
         """uint8 [H0, W0, 3] -> normalised float32 at the evaluation size (EvalResize)."""
         short = int(self.cfg.eval.short_side)
         h, w = rgb.shape[:2]
@@ -151,7 +151,7 @@ class Predictor:
         return prediction
 
     def _segment(self, images, index, full_batches):
-        items = ((tag, self._input(rgb), rgb.shape[:2]) for tag, rgb in images)
+        items = ((tag, self.network_input(rgb), rgb.shape[:2]) for tag, rgb in images)
         for tag, labels, confidence in self.runner(index, full_batches).run(items):
             yield tag, Prediction(labels, confidence)
 
@@ -168,7 +168,7 @@ class Predictor:
                 self.model, self.params, self.bank, index, self.ca, max_labels=self.max_labels
             )
             self._attention = (index, fn)
-        image = self._input(rgb)
+        image = self.network_input(rgb)
         present = np.zeros(len(index), bool)
         present[class_id] = True
         _, att = self._attention[1](jnp.asarray(image), jnp.asarray(present))

@@ -22,7 +22,6 @@ import os
 import sys
 
 import numpy as np
-from PIL import Image
 
 from larvseg_jax import ca_visualize, foreground, visualize
 from larvseg_jax.errors import UserError
@@ -169,13 +168,6 @@ def output_stems(files: list[str]) -> list[str]:
     return stems
 
 
-def _save_png(array: np.ndarray, path: str) -> None:
-    """PNG written under a temporary name, then renamed (never half-written)."""
-    tmp = f"{path}.partial"
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 def overlay(rgb: np.ndarray, labels: np.ndarray, names: tuple, colours: np.ndarray) -> np.ndarray:
     """The photo with the class colours blended over it and a legend of the classes present."""
     coloured = visualize.colorize(labels, colours).astype(np.float32)
@@ -227,20 +219,20 @@ def write_outputs(predictor: Predictor, job: Job, pred: Prediction, o: Outputs) 
     rgb, stem = job.rgb, job.stem
     dtype = np.uint8 if len(o.names) <= 256 else np.uint16
     files = {"labels": f"{stem}_labels.png", "overlay": f"{stem}_overlay.png"}
-    _save_png(pred.labels.astype(dtype), os.path.join(o.out, files["labels"]))
+    visualize.save_png(pred.labels.astype(dtype), os.path.join(o.out, files["labels"]))
     picture = overlay(rgb, pred.labels, o.names, o.colours)
-    _save_png(picture, os.path.join(o.out, files["overlay"]))
+    visualize.save_png(picture, os.path.join(o.out, files["overlay"]))
     if o.attention is not None:
         att = predictor.attention(rgb, o.index, o.names.index(o.attention))
         heat = ca_visualize.heat(att).astype(np.float32)
         picture = (0.4 * rgb.astype(np.float32) + 0.6 * heat).round().astype(np.uint8)
         files["attention"] = f"{stem}_attention_{_safe(o.attention)}.png"
-        _save_png(picture, os.path.join(o.out, files["attention"]))
+        visualize.save_png(picture, os.path.join(o.out, files["attention"]))
     named = None
     if o.background is not None:
         picture, named = foreground.render(rgb, pred.labels, o.names, o.background, o.colours)
         files["foreground"] = f"{stem}_foreground.png"
-        _save_png(picture, os.path.join(o.out, files["foreground"]))
+        visualize.save_png(picture, os.path.join(o.out, files["foreground"]))
     report = {
         "image": os.path.abspath(job.path),
         "size": [int(rgb.shape[0]), int(rgb.shape[1])],

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import itertools
 import math
+import os
 import pathlib
 from collections.abc import Sequence
 
@@ -306,3 +307,10 @@ def attention_sheet(
     size = font_size(min_height, width // 3)
     rows = [np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0))) for r in rows]
     return np.concatenate([header(width, size, heat_ramp), *rows])
+
+
+def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
+    """PNG written under a temporary name, then renamed (never half-written)."""
+    tmp = f"{os.fspath(path)}.partial"
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)

@@ -23,7 +23,6 @@ import os
 import sys
 
 import numpy as np
-from PIL import Image
 
 from larvseg_jax import evaluate, logs, visualize
 from larvseg_jax.analysis import evalset
@@ -220,8 +219,7 @@ def run(argv: list[str]) -> int:
     )
     top = visualize.header(sheet.shape[1], 16, None, title=title)
     path = os.path.join(out, "compare.png")
-    Image.fromarray(np.concatenate([top, sheet])).save(f"{path}.partial", format="PNG")
-    os.replace(f"{path}.partial", path)
+    visualize.save_png(np.concatenate([top, sheet]), path)
     overall = {}
     for title, (inter, pred_area, gt_area) in zip(titles, totals):
         report = evaluate.miou_report(

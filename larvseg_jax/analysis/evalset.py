@@ -116,8 +116,10 @@ def pick_images(predictor: Predictor, evalset: EvalSet, entries: Sequence[str]) 
             except ImageError as e:
                 raise ConfigError(f"--images {entry}: {e}") from None
             stem = os.path.splitext(os.path.basename(entry))[0]
-            # The network input `segment` would use; "label" None: there is no ground truth.
-            picked.append({"image": predictor._input(rgb), "label": None, "raw": rgb, "id": stem})
+            # The network input `segment` uses; "label" None: there is no ground truth.
+            picked.append(
+                {"image": predictor.network_input(rgb), "label": None, "raw": rgb, "id": stem}
+            )
         elif entry.isdigit() and int(entry) < len(evalset):
             picked.append(evalset.dataset[int(entry)])
         else:

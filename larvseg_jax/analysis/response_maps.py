@@ -196,12 +196,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _save_png(array: np.ndarray, path: str) -> None:
-    tmp = f"{path}.partial"
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 def _mask_labels(predictor: Predictor, images: evalset.EvalSet, example: dict, hw) -> tuple:
     """(labels [H, W] seeds are drawn from, the panel's title)."""
     if example["label"] is not None:
@@ -261,7 +255,7 @@ def run(argv: list[str]) -> int:
             scale=args.scale,
             mask_title=mask_title,
         )
-        _save_png(row, os.path.join(out, f"{example['id']}_response_maps.png"))
+        visualize.save_png(row, os.path.join(out, f"{example['id']}_response_maps.png"))
         writer.write_images(predictor.step, {f"analysis/response_maps/{example['id']}": row})
         rows.append(row)
         report.append(
@@ -283,7 +277,7 @@ def run(argv: list[str]) -> int:
         "are drawn from | cosine to the class's seed(s)"
     )
     top = visualize.header(sheet.shape[1], 16, ramp, title=title, scale=scale)
-    _save_png(np.concatenate([top, sheet]), os.path.join(out, "response_maps.png"))
+    visualize.save_png(np.concatenate([top, sheet]), os.path.join(out, "response_maps.png"))
     write_json_atomic(
         os.path.join(out, "response_maps.json"),
         {
