@@ -95,7 +95,7 @@ def test_whole_mode_and_no_confidence(class_chunk):
     assert runner.windows_run == 0
 
 
-def test_class_chunks_keep_ties_and_the_large_vocabulary_off_the_accumulator():
+def test_class_chunks_keep_ties_and_the_large_vocabulary_off_the_accumulator(monkeypatch):
     """Chunks hand ties to the lower class id, as argmax does (duplicated logit columns: a
     class and its copy in another chunk tie everywhere), and never allocate [H, W, N]."""
     n = 7
@@ -115,11 +115,9 @@ def test_class_chunks_keep_ties_and_the_large_vocabulary_off_the_accumulator():
         allocated.append(num_classes)
         return zeros(shape=shape, num_classes=num_classes)
 
-    slide._zeros = recording_zeros
-    try:
-        out = list(runner.run(data))
-    finally:
-        slide._zeros = zeros
+    monkeypatch.setattr(slide, "_zeros", recording_zeros)
+    out = list(runner.run(data))
+    monkeypatch.undo()
     assert allocated and set(allocated) == {2}
     for (_, labels, conf), (_, image, hw0) in zip(out, data, strict=True):
         logits = slide.slide_inference(predict, image, num_classes=n, crop=CROP, stride=STRIDE)
