@@ -160,6 +160,31 @@ def _load_models(args: argparse.Namespace) -> tuple[list, list[str]]:
     return [load(w) for w in args.workdirs], titles
 
 
+def _predictions(predictors: list, indices: list, examples: list[dict]) -> list[list]:
+    """Per model, the labels [H0, W0] of every example, through the evaluation path."""
+    predictions = []
+    progress = Progress("compare", len(examples) * len(predictors))
+    for predictor, index in zip(predictors, indices):
+        labels = []
+        raws = ((i, np.asarray(ex["raw"])) for i, ex in enumerate(examples))
+        for _, pred in predictor.segment_many(raws, index):
+            labels.append(pred.labels)
+            progress.advance()
+        predictions.append(labels)
+    progress.close()
+    return predictions
+
+
+def _miou_over_images(histograms: np.ndarray, names, highlight) -> dict:
+    """mIoU and the highlighted classes' mean from summed [3, N] (intersection, predicted,
+    ground-truth) pixel counts, as evaluation reports them."""
+    inter, pred_area, gt_area = histograms
+    report = evaluate.miou_report(
+        inter, pred_area + gt_area - inter, gt_area, class_names=names, novel_names=highlight
+    )
+    return {"miou": report["miou"], "miou_highlight": report["miou_novel"]}
+
+
 def run(argv: list[str]) -> int:
     """The command; returns the exit status (0 done, 1 a user error)."""
     args = parse_args(argv)
@@ -180,16 +205,7 @@ def run(argv: list[str]) -> int:
         return 1
     colours = visualize.palette(names)
     keep = np.isin(np.arange(len(names)), images.class_ids(highlight, "--highlight"))
-    predictions = []  # per model: labels [H0, W0] per image
-    progress = Progress("compare", len(examples) * len(predictors))
-    for predictor, index in zip(predictors, indices):
-        labels = []
-        raws = ((i, np.asarray(ex["raw"])) for i, ex in enumerate(examples))
-        for _, pred in predictor.segment_many(raws, index):
-            labels.append(pred.labels)
-            progress.advance()
-        predictions.append(labels)
-    progress.close()
+    predictions = _predictions(predictors, indices, examples)
     rows, per_image = [], []
     totals = np.zeros((len(predictors), 3, len(names)), np.int64)
     for i, example in enumerate(examples):
@@ -220,12 +236,10 @@ def run(argv: list[str]) -> int:
     top = visualize.header(sheet.shape[1], 16, None, title=title)
     path = os.path.join(out, "compare.png")
     visualize.save_png(np.concatenate([top, sheet]), path)
-    overall = {}
-    for title, (inter, pred_area, gt_area) in zip(titles, totals):
-        report = evaluate.miou_report(
-            inter, pred_area + gt_area - inter, gt_area, class_names=names, novel_names=highlight
-        )
-        overall[title] = {"miou": report["miou"], "miou_highlight": report["miou_novel"]}
+    overall = {
+        title: _miou_over_images(histograms, names, highlight)
+        for title, histograms in zip(titles, totals)
+    }
     write_json_atomic(
         os.path.join(out, "compare.json"),
         {

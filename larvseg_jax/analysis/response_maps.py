@@ -205,23 +205,39 @@ def _mask_labels(predictor: Predictor, images: evalset.EvalSet, example: dict, h
     return oracle.gt_at(predicted, hw), "prediction (no ground truth)"
 
 
+def _save_sheet(rows: list[np.ndarray], title: str, scale: str, path: str) -> None:
+    """The image rows stacked under a header with the title and the heat ramp's scale."""
+    sheet = visualize.stacked(rows)
+    ramp = ca_visualize.heat(np.linspace(0.0, 1.0, 64))
+    ends = ("min", "max") if scale == "minmax" else ("cosine -1", "1")
+    top = visualize.header(sheet.shape[1], 16, ramp, title=title, scale=ends)
+    visualize.save_png(np.concatenate([top, sheet]), path)
+
+
+def _open(args: argparse.Namespace) -> tuple:
+    """(predictor, evaluation set, class ids, examples, workdir, output folder) of the
+    arguments; a UserError for any that is wrong."""
+    if args.points < 1:
+        raise ConfigError(f"--points {args.points}: must be at least 1")
+    predictor = load(args.workdir, step=args.step, checkpoint=args.checkpoint)
+    images = evalset.open_eval_set(predictor, args.dataset, data_dir=args.data_dir)
+    if args.classes:
+        wanted = [n.strip() for n in args.classes.split(",") if n.strip()]
+        class_ids = images.class_ids(wanted, "--classes")
+    else:
+        class_ids = images.class_ids(images.categories(args.categories), "--categories")
+    examples = evalset.pick_images(predictor, images, args.images)
+    workdir = os.path.dirname(os.path.dirname(predictor.checkpoint))
+    out = args.out or os.path.join(workdir, "analysis", "response_maps")
+    os.makedirs(out, exist_ok=True)
+    return predictor, images, class_ids, examples, workdir, out
+
+
 def run(argv: list[str]) -> int:
     """The command; returns the exit status (0 done, 1 a user error)."""
     args = parse_args(argv)
     try:
-        if args.points < 1:
-            raise ConfigError(f"--points {args.points}: must be at least 1")
-        predictor = load(args.workdir, step=args.step, checkpoint=args.checkpoint)
-        images = evalset.open_eval_set(predictor, args.dataset, data_dir=args.data_dir)
-        if args.classes:
-            wanted = [n.strip() for n in args.classes.split(",") if n.strip()]
-            class_ids = images.class_ids(wanted, "--classes")
-        else:
-            class_ids = images.class_ids(images.categories(args.categories), "--categories")
-        examples = evalset.pick_images(predictor, images, args.images)
-        workdir = os.path.dirname(os.path.dirname(predictor.checkpoint))
-        out = args.out or os.path.join(workdir, "analysis", "response_maps")
-        os.makedirs(out, exist_ok=True)
+        predictor, images, class_ids, examples, workdir, out = _open(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -269,15 +285,11 @@ def run(argv: list[str]) -> int:
         progress.advance()
     progress.close()
     writer.close()
-    sheet = visualize.stacked(rows)
-    ramp = ca_visualize.heat(np.linspace(0.0, 1.0, 64))
-    scale = ("min", "max") if args.scale == "minmax" else ("cosine -1", "1")
     title = (
         f"{os.path.basename(workdir)} step {predictor.step}: input with seeds | labels the seeds "
         "are drawn from | cosine to the class's seed(s)"
     )
-    top = visualize.header(sheet.shape[1], 16, ramp, title=title, scale=scale)
-    visualize.save_png(np.concatenate([top, sheet]), os.path.join(out, "response_maps.png"))
+    _save_sheet(rows, title, args.scale, os.path.join(out, "response_maps.png"))
     write_json_atomic(
         os.path.join(out, "response_maps.json"),
         {
