@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jsonl
 
-from larvseg_jax import slide
+from larvseg_jax import slide, slide_image, tiles
 from larvseg_jax.models import segmenter, vit
 
 A150_VAL_IMAGES = 2000
@@ -96,7 +96,7 @@ def main():
     window_flops = predict.lower(x).compile().cost_analysis().get("flops", float("nan"))
     items = make_images(args.images, args.crop, args.seed)
     windows = sum(
-        len(slide.slide_windows(*im.shape[:2], args.crop, args.crop)) for _, im, _ in items
+        len(slide_image.slide_windows(*im.shape[:2], args.crop, args.crop)) for _, im, _ in items
     )
     row = {
         "device": jax.devices()[0].device_kind,
@@ -128,7 +128,7 @@ def main():
 
     def per_image():
         for _, image, out_hw in items:
-            logits = slide.slide_inference(
+            logits = slide_image.slide_inference(
                 predict,
                 image,
                 num_classes=args.classes,
@@ -136,7 +136,7 @@ def main():
                 stride=args.crop,
                 device=device,
             )
-            np.asarray(slide.resize_to_labels(logits, out_hw)[0])
+            np.asarray(tiles.resize_to_labels(logits, out_hw)[0])
 
     paths = args.paths.split(",")
     for name, fn in (("batched", batched), ("per_image", per_image)):

@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from larvseg_jax import interrupts, slide, visualize
+from larvseg_jax import interrupts, slide, slide_image, visualize
 from larvseg_jax.jsonfile import write_json_atomic
 from larvseg_jax.progress import Progress
 from larvseg_jax.vocab import IGNORE
@@ -215,7 +215,7 @@ def _sum_over_processes(x: np.ndarray) -> np.ndarray:
 
 
 def run_evaluation(
-    predict_fn: slide.PredictFn,
+    predict_fn: slide_image.PredictFn,
     dataset: Iterable[Mapping],
     *,
     class_names: Sequence[str],
@@ -245,11 +245,11 @@ def run_evaluation(
     are summed over processes, every process returns the report and process 0 writes it.
 
     Args:
-      predict_fn: see `slide.PredictFn`.
+      predict_fn: see `slide_image.PredictFn`.
       dataset: iterable of {"image": float32 [H, W, 3] resized and normalised, "label": int32
         [H0, W0] original-size GT (ignore -1), "raw": uint8 [H0, W0, 3], "id": str}.
       class_names, base_names, novel_names: see `miou_report`.
-      crop, stride, mode: see `slide.slide_inference`.
+      crop, stride, mode: see `slide_image.slide_inference`.
       step: training step, names the JSON file.
       out_dir: directory for the JSON (created if missing).
       num_panels: how many input | GT | prediction panels to return (this process's first

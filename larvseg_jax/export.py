@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from larvseg_jax import exported, slide
+from larvseg_jax import exported, slide_image
 from larvseg_jax.data import transforms
 from larvseg_jax.errors import UserError
 from larvseg_jax.inference import Predictor, load
@@ -30,7 +30,8 @@ from larvseg_jax.segment import add_model_flags, add_vocabulary_flags, choose_vo
 
 def inference_function(predictor: Predictor, index: np.ndarray, image_size: tuple[int, int]):
     """(fn, weights): fn(weights, uint8 [B, H, W, 3]) -> (int32 [B, H, W], float32 [B, H, W]),
-    the computation of `Predictor.segment` for images of `image_size`, traceable for export."""
+    the computation of `Predictor.segment` for images of `image_size`, traceable for export;
+    vocabularies over eval.class_chunk classes go through the class-chunked path."""
     cfg, (h0, w0) = predictor.cfg, image_size
     short = int(cfg.eval.short_side)
     new_h, new_w = transforms.rescale_size(h0, w0, (4 * short, short))
@@ -44,15 +45,17 @@ def inference_function(predictor: Predictor, index: np.ndarray, image_size: tupl
         def predict_fn(images):
             return predictor.model.apply({"params": params}, images, index, train=False)[0]
 
-        logits = slide.slide_inference(
+        return slide_image.slide_labels(
             predict_fn,
             image,
+            (h0, w0),
             num_classes=len(index),
             crop=int(cfg.eval.crop_size),
             stride=int(cfg.eval.stride),
             mode=cfg.eval.mode,
+            class_chunk=predictor.class_chunk,
+            confidence=True,
         )
-        return slide.resize_to_labels(logits, (h0, w0), confidence=True)
 
     def fn(weights, images):
         params = jax.tree.unflatten(treedef, weights)

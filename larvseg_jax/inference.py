@@ -132,9 +132,13 @@ class Predictor:
             devices=self.devices,
             confidence=True,
             full_batches=full_batches,
-            # Checkpoints from before the key: the default of configs/base.py.
-            class_chunk=int(self.cfg.eval.get("class_chunk", 1024)),
+            class_chunk=self.class_chunk,
         )
+
+    @property
+    def class_chunk(self) -> int:
+        """eval.class_chunk; checkpoints from before the key get configs/base.py's default."""
+        return int(self.cfg.eval.get("class_chunk", 1024))
 
     def segment_many(
         self, images: Iterable[tuple[Any, np.ndarray]], index: np.ndarray

@@ -25,7 +25,7 @@ from larvseg_jax import (
     interrupts,
     memory,
     sharding,
-    slide,
+    slide_image,
     tb_writer,
     visualize,
 )
@@ -212,7 +212,7 @@ def _local_value(x: Any) -> Any:
     return x
 
 
-def make_predict_fn(setup: Setup, params: Any, devices: Any = None) -> slide.PredictFn:
+def make_predict_fn(setup: Setup, params: Any, devices: Any = None) -> slide_image.PredictFn:
     """Jitted images [B, h, w, 3] -> eval-vocabulary logits [B, h', w', N], computed on the
     device that holds the images.
 

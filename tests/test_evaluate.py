@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from larvseg_jax import evaluate, slide, visualize
+from larvseg_jax import evaluate, slide_image, tiles, visualize
 from tests import reference
 
 N = 5
@@ -44,7 +44,7 @@ def slide_reference(image, crop, stride):
     height, width = image.shape[:2]
     acc = np.zeros((height, width, N))
     count = np.zeros((height, width, 1))
-    for y1, y2, x1, x2 in slide.slide_windows(height, width, crop, stride):
+    for y1, y2, x1, x2 in slide_image.slide_windows(height, width, crop, stride):
         logits = fake_predict_np(image[None, y1:y2, x1:x2])
         acc[y1:y2, x1:x2] += reference.upsample(logits, (y2 - y1, x2 - x1))[0]
         count[y1:y2, x1:x2] += 1
@@ -62,7 +62,7 @@ def slide_reference(image, crop, stride):
     ],
 )
 def test_slide_windows_matches_hand_computed_grid(hw, crop, stride, expected):
-    assert slide.slide_windows(*hw, crop, stride) == expected
+    assert slide_image.slide_windows(*hw, crop, stride) == expected
 
 
 @pytest.mark.parametrize("hw", [(40, 52), (20, 30)])
@@ -70,7 +70,7 @@ def test_slide_inference_matches_numpy_accumulate_divide(hw):
     image = np.random.default_rng(1).normal(size=(*hw, 3)).astype(np.float32)
     # Stride < crop so interior pixels are covered twice; (20, 30) has windows shorter than crop.
     with jax.transfer_guard_device_to_host("disallow"):
-        out = slide.slide_inference(fake_predict, image, num_classes=N, crop=24, stride=16)
+        out = slide_image.slide_inference(fake_predict, image, num_classes=N, crop=24, stride=16)
     assert isinstance(out, jax.Array) and out.shape == (*hw, N)
     np.testing.assert_allclose(
         np.asarray(out), slide_reference(image, 24, 16), rtol=1e-5, atol=1e-5
@@ -79,7 +79,7 @@ def test_slide_inference_matches_numpy_accumulate_divide(hw):
 
 def test_whole_inference_is_one_resized_forward():
     image = np.random.default_rng(2).normal(size=(32, 48, 3)).astype(np.float32)
-    out = slide.slide_inference(
+    out = slide_image.slide_inference(
         fake_predict, image, num_classes=N, crop=24, stride=16, mode="whole"
     )
     want = reference.upsample(fake_predict_np(image[None]), (32, 48))[0]
@@ -88,7 +88,7 @@ def test_whole_inference_is_one_resized_forward():
 
 def test_slide_inference_rejects_wrong_class_count():
     with pytest.raises(ValueError, match="predict_fn must return"):
-        slide.slide_inference(
+        slide_image.slide_inference(
             fake_predict, np.zeros((24, 24, 3)), num_classes=7, crop=24, stride=24
         )
 
@@ -97,7 +97,7 @@ def test_resize_to_labels_is_argmax_of_resized_logits():
     logits = np.random.default_rng(3).normal(size=(10, 12, 7)).astype(np.float32)
     for out_hw in ((23, 17), (4, 5), (10, 12)):  # up, down, same size
         want = reference.upsample(logits[None].astype(np.float64), out_hw)[0]
-        got, conf = slide.resize_to_labels(jnp.asarray(logits), out_hw, confidence=True)
+        got, conf = tiles.resize_to_labels(jnp.asarray(logits), out_hw, confidence=True)
         assert got.dtype == jnp.int32 and got.shape == out_hw
         np.testing.assert_array_equal(np.asarray(got), want.argmax(-1))
         probs = np.exp(logits - logits.max(-1, keepdims=True))

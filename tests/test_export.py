@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -21,6 +22,7 @@ PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg")
 # in-process prediction of the same checkpoint.
 CHECK = """
 import json, sys
+import jax
 import numpy as np
 from PIL import Image
 from larvseg_jax import exported
@@ -124,3 +126,30 @@ def test_wrong_inputs_say_what_the_model_takes(model_dir, tmp_path):
         model(np.zeros((48, 60, 3), np.uint8))
     with pytest.raises(FileNotFoundError, match="holds no exported model"):
         exported.load(str(tmp_path))
+
+
+def test_a_vocabulary_over_the_class_chunk_exports_the_chunked_path(predictor):
+    """eval.class_chunk below the vocabulary size: the exported computation accumulates a chunk
+    of classes at a time (no [H, W, N] array; what an 11K-class export needs) and gives the
+    unchunked export's labels and, to rounding, its confidence."""
+    from PIL import Image
+
+    names = ["sky", "water", "boat", "sand", "grass"]
+    index = predictor.index(names)
+    rgb = np.stack(
+        [
+            np.asarray(
+                Image.open(ROOT / "tests/fixtures/images" / n).convert("RGB").resize((60, 48))
+            )
+            for n in PHOTOS[:2]
+        ]
+    )
+    outputs, before = {}, predictor.cfg.eval.class_chunk
+    for chunk in (0, 2):
+        predictor.cfg.eval.class_chunk = chunk
+        fn, weights = export.inference_function(predictor, index, (48, 60))
+        assert ("chunk_labels" in str(jax.make_jaxpr(fn)(weights, rgb))) == bool(chunk)
+        outputs[chunk] = [np.asarray(a) for a in jax.jit(fn)(weights, rgb)]
+    predictor.cfg.eval.class_chunk = before
+    np.testing.assert_array_equal(outputs[2][0], outputs[0][0])
+    np.testing.assert_allclose(outputs[2][1], outputs[0][1], rtol=1e-6, atol=1e-7)

@@ -21,6 +21,8 @@ from larvseg_jax import (
     inference,
     segment,
     slide,
+    slide_image,
+    tiles,
     train,
     visualize,
 )
@@ -119,14 +121,14 @@ def test_the_prediction_is_the_one_evaluation_scores(workdir, predictor):
     np.testing.assert_array_equal(chunked.labels, want)
     np.testing.assert_allclose(chunked.confidence, got.confidence, rtol=1e-5, atol=1e-6)
     # and the per-image reference path (SPEC 7.2) up to float rounding near ties
-    logits = slide.slide_inference(
+    logits = slide_image.slide_inference(
         train.make_predict_fn(setup, state.params),
         image,
         num_classes=len(setup.voc.eval_names),
         crop=cfg.eval.crop_size,
         stride=cfg.eval.stride,
     )
-    reference = np.asarray(slide.resize_to_labels(logits, rgb.shape[:2])[0])
+    reference = np.asarray(tiles.resize_to_labels(logits, rgb.shape[:2])[0])
     assert np.mean(reference == got.labels) > 0.999
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax._src.dispatch import BACKEND_COMPILE_EVENT
 
-from larvseg_jax import slide
+from larvseg_jax import slide, slide_image, tiles
 from tests.test_evaluate import N, fake_predict
 
 CROP, STRIDE = 24, 16
@@ -15,10 +15,10 @@ CROP, STRIDE = 24, 16
 
 def per_image(image, out_hw, mode="slide"):
     """The SPEC 7.2 reference: one image at a time, one window per model call."""
-    logits = slide.slide_inference(
+    logits = slide_image.slide_inference(
         fake_predict, image, num_classes=N, crop=CROP, stride=STRIDE, mode=mode
     )
-    labels, conf = slide.resize_to_labels(logits, out_hw, confidence=True)
+    labels, conf = tiles.resize_to_labels(logits, out_hw, confidence=True)
     return np.asarray(labels), np.asarray(conf)
 
 
@@ -68,7 +68,7 @@ def test_runner_equals_the_per_image_path(batch, num_devices, full, class_chunk)
         np.testing.assert_allclose(conf, want_conf, rtol=1e-6, atol=1e-7)
     # The (20, 30) image's windows are smaller than the crop: it takes the per-image path.
     batched = sum(
-        len(slide.slide_windows(*im.shape[:2], CROP, STRIDE))
+        len(slide_image.slide_windows(*im.shape[:2], CROP, STRIDE))
         for _, im, _ in data
         if min(im.shape[:2]) >= CROP
     )
@@ -120,11 +120,47 @@ def test_class_chunks_keep_ties_and_the_large_vocabulary_off_the_accumulator(mon
     monkeypatch.undo()
     assert allocated and set(allocated) == {2}
     for (_, labels, conf), (_, image, hw0) in zip(out, data, strict=True):
-        logits = slide.slide_inference(predict, image, num_classes=n, crop=CROP, stride=STRIDE)
-        want_labels, want_conf = slide.resize_to_labels(logits, hw0, confidence=True)
+        logits = slide_image.slide_inference(
+            predict, image, num_classes=n, crop=CROP, stride=STRIDE
+        )
+        want_labels, want_conf = tiles.resize_to_labels(logits, hw0, confidence=True)
         np.testing.assert_array_equal(labels, np.asarray(want_labels))
         assert labels.max() < 5  # the copies never win
         np.testing.assert_allclose(conf, np.asarray(want_conf), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode, class_chunk", [("slide", 0), ("slide", 2), ("whole", 3)])
+def test_traceable_slide_labels_equal_the_per_image_path(mode, class_chunk):
+    """`slide_image.slide_labels` (what export compiles), jitted, class-chunked or not: the
+    reference labels exactly, the confidence to rounding; ties go to the lower class id."""
+
+    def predict(x):  # columns 5, 6 copy 0, 1: ties across chunks
+        logits = fake_predict(x)
+        return jnp.concatenate([logits, logits[..., :2]], axis=-1)
+
+    for _, image, hw0 in images(6, [SIZES[0], SIZES[2], SIZES[4]]):
+        fn = jax.jit(
+            lambda im, hw0=hw0: slide_image.slide_labels(
+                predict,
+                im,
+                hw0,
+                num_classes=7,
+                crop=CROP,
+                stride=STRIDE,
+                mode=mode,
+                class_chunk=class_chunk,
+                confidence=True,
+            )
+        )
+        labels, conf = fn(image)
+        logits = slide_image.slide_inference(
+            predict, image, num_classes=7, crop=CROP, stride=STRIDE, mode=mode
+        )
+        want_labels, want_conf = tiles.resize_to_labels(logits, hw0, confidence=True)
+        assert labels.shape == conf.shape == hw0 and labels.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(labels), np.asarray(want_labels))
+        assert int(labels.max()) < 5  # the copies never win
+        np.testing.assert_allclose(np.asarray(conf), np.asarray(want_conf), rtol=1e-6, atol=1e-7)
 
 
 def test_bad_predict_fn_and_settings_are_named():
