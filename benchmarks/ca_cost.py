@@ -19,6 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from larvseg_jax import ca_classifier, groups, sharding
@@ -33,7 +34,7 @@ from larvseg_jax.train_step import (
 )
 
 
-def build(args, with_ca):
+def build(args, with_ca, dtype="float32"):
     n_weak = args.classes // 2
     sources = (
         SourceSpec("weak", "weak", tuple(range(n_weak)), 0.1, args.crop, ca_weight=0.1),
@@ -53,9 +54,11 @@ def build(args, with_ca):
         accumulate_gradients=getattr(args, "accumulate", True),
     )
     grid = (args.crop // vit.VARIANTS[args.variant]["patch_size"],) * 2
+    dtype = jnp.dtype(dtype)  # compute dtype; params stay fp32
     model = segmenter.Segmenter(
-        backbone=vit.vit_from_variant(args.variant, pos_grid=grid, drop_path_rate=0.1),
+        backbone=vit.vit_from_variant(args.variant, pos_grid=grid, drop_path_rate=0.1, dtype=dtype),
         num_classes=args.classes,
+        dtype=dtype,
     )
     tx, schedule = make_optimizer(
         lr=1e-3, end_lr=1e-5, power=0.9, momentum=0.9, weight_decay=0.0, total_steps=1000

@@ -202,8 +202,11 @@ def weak_losses(logits, score, embed, labels, cls_index, bank, warm_up=0, bg_top
 class Step:
     """One LarvSeg train step: a seg group and a weak group (lambda_cls = lambda_aux = 0.1)."""
 
-    def __init__(self, num_classes, crop, memory, topk, seg_index, weak_index, sizes, lr=1e-3):
+    def __init__(
+        self, num_classes, crop, memory, topk, seg_index, weak_index, sizes, lr=1e-3, bf16=False
+    ):
         self.model = Segmenter(num_classes, crop, **sizes)
+        self.bf16 = bf16
         self.bank = Bank(num_classes, memory, topk, sizes["width"])
         self.seg_index = torch.as_tensor(seg_index)
         self.weak_index = torch.as_tensor(weak_index)
@@ -213,12 +216,21 @@ class Step:
         """Each group's backward runs on its own (the official GPUs' memory); the gradients
         add up to those of the mean of the two group losses, as DDP's average does."""
         self.opt.zero_grad(set_to_none=True)
-        logits, _, _ = self.model(seg_images, self.seg_index)
+        logits, _, _ = self.forward(seg_images, self.seg_index)
         loss_seg = seg_loss(logits, seg_labels) / 2
         loss_seg.backward()
-        logits, score, embed = self.model(weak_images, self.weak_index)
+        logits, score, embed = self.forward(weak_images, self.weak_index)
         basic, aux = weak_losses(logits, score, embed, weak_labels, self.weak_index, self.bank)
         loss_weak = (0.1 * basic + 0.1 * aux) / 2
         loss_weak.backward()
         self.opt.step()
         return float((loss_seg + loss_weak).detach())
+
+    def forward(self, images, cls_index):
+        """The network; with bf16, under CPU autocast (bf16 matmuls, fp32 weights) with fp32
+        outputs, so losses and bank stay fp32 as in the JAX step's bfloat16 model dtype."""
+        if not self.bf16:
+            return self.model(images, cls_index)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = self.model(images, cls_index)
+        return tuple(o.float() for o in outs)

@@ -43,21 +43,25 @@ def vit_forward_flops(variant: str, crop: int) -> float:
     return depth * (8 * n * d * d + 4 * n * d * mlp + 4 * n * n * d)
 
 
-def matmul_peak(n=2048, reps=5) -> dict:
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    t0 = time.perf_counter()
-    for _ in range(reps):
+def matmul_peak(dtypes, n=2048, reps=5) -> dict:
+    """GFLOP/s of an n x n matmul per framework and dtype: {"jax": {dtype: rate}, "torch": ...}."""
+    out = {"jax": {}, "torch": {}}
+    for dtype in dtypes:
+        a = jnp.ones((n, n), dtype)
+        # float32 accumulation, as the model's matmuls (larvseg_jax/models/matmul.py)
+        f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
         f(a).block_until_ready()
-    jax_rate = 2 * n**3 * reps / (time.perf_counter() - t0)
-    b = torch.ones(n, n)
-    b @ b
-    t0 = time.perf_counter()
-    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            f(a).block_until_ready()
+        out["jax"][dtype] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+        b = torch.ones(n, n, dtype=getattr(torch, dtype))
         b @ b
-    torch_rate = 2 * n**3 * reps / (time.perf_counter() - t0)
-    return {"jax_gflops": jax_rate / 1e9, "torch_gflops": torch_rate / 1e9}
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            b @ b
+        out["torch"][dtype] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    return out
 
 
 def torch_inputs(args, batch, plan):
@@ -71,7 +75,7 @@ def torch_inputs(args, batch, plan):
     return out
 
 
-def build_torch(args):
+def build_torch(args, bf16=False):
     n_weak = args.classes // 2
     torch.manual_seed(0)
     step = torch_reference.Step(
@@ -82,6 +86,7 @@ def build_torch(args):
         seg_index=list(range(n_weak // 2, args.classes)),
         weak_index=list(range(n_weak)),
         sizes=vit.VARIANTS[args.variant],
+        bf16=bf16,
     )
     return step
 
@@ -94,9 +99,9 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def _torch_peak_child(args, inputs, queue):
+def _torch_peak_child(args, inputs, bf16, queue):
     torch.set_num_threads(args.torch_threads)
-    step = build_torch(args)
+    step = build_torch(args, bf16)
     step(*inputs)  # the first step allocates the optimizer's momentum buffers
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
@@ -105,12 +110,12 @@ def _torch_peak_child(args, inputs, queue):
     queue.put((_status_kib("VmHWM") - before) * 1024)
 
 
-def torch_peak_bytes(args, inputs) -> int:
+def torch_peak_bytes(args, inputs, bf16=False) -> int:
     """Peak RSS growth over a second step in a fresh process: the step's working memory
     (activations, gradients, temporaries) next to XLA's temporary bytes."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_torch_peak_child, args=(args, inputs, queue))
+    proc = ctx.Process(target=_torch_peak_child, args=(args, inputs, bf16, queue))
     proc.start()
     value = queue.get()
     proc.join()
@@ -126,6 +131,12 @@ def main():
     p.add_argument("--memory", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="compute dtype of both steps (bfloat16 also runs the fp32 steps for comparison)",
+    )
     p.add_argument("--no-peak", action="store_true", help="skip PyTorch's peak-memory child run")
     p.add_argument(
         "--out", default=os.path.join(os.path.dirname(__file__), "results", "train_step_cpu.jsonl")
@@ -138,10 +149,16 @@ def main():
     contenders = {}
     # "jax" is the default step (each group's gradient in its own backward pass, summed);
     # "jax_one_backward" differentiates the summed loss in one pass (train.accumulate_gradients
-    # False).
-    for name, accumulate in (("jax", True), ("jax_one_backward", False)):
+    # False). With --dtype bfloat16 both sides compute in bf16 (JAX: model.dtype, PyTorch: CPU
+    # autocast) and the fp32 steps run alongside, so every ratio comes from the same rounds.
+    jax_runs = [("jax", True, args.dtype)]
+    if args.dtype == "float32":
+        jax_runs.append(("jax_one_backward", False, "float32"))
+    else:
+        jax_runs.append(("jax_fp32", True, "float32"))
+    for name, accumulate, dtype in jax_runs:
         args.accumulate = accumulate
-        fn, state, plan, mesh, _ = ca_cost.build(args, with_ca=True)
+        fn, state, plan, mesh, _ = ca_cost.build(args, with_ca=True, dtype=dtype)
         host = ca_cost.batch_for(args, plan, rng)
         batch = sharding.host_batch_to_global(host, mesh)
         t0 = time.perf_counter()
@@ -155,14 +172,25 @@ def main():
             "state": state,
             "compile_s": compile_s,
             "temp_bytes": int(mem.temp_size_in_bytes) if mem is not None else -1,
+            "dtype": dtype,
             "times": [],
         }
     inputs = torch_inputs(args, host, plan)
-    peak = -1 if args.no_peak else torch_peak_bytes(args, inputs)
-    step = build_torch(args)
-    step(*inputs)  # warm-up
-    contenders["torch"] = {"run": lambda: step(*inputs), "peak_bytes": peak, "times": []}
-    contenders["torch"]["backbone"] = step.model.backbone_kind
+    torch_runs = [("torch", args.dtype)]
+    if args.dtype != "float32":
+        torch_runs.append(("torch_fp32", "float32"))
+    for name, dtype in torch_runs:
+        bf16 = dtype == "bfloat16"
+        peak = -1 if args.no_peak else torch_peak_bytes(args, inputs, bf16)
+        step = build_torch(args, bf16)
+        step(*inputs)  # warm-up
+        contenders[name] = {
+            "run": lambda s=step: s(*inputs),
+            "peak_bytes": peak,
+            "dtype": dtype,
+            "backbone": step.model.backbone_kind,
+            "times": [],
+        }
 
     for _ in range(args.rounds):
         for c in contenders.values():
@@ -170,7 +198,7 @@ def main():
             c["run"]()
             c["times"].append(time.perf_counter() - t0)
 
-    peaks = matmul_peak()
+    peaks = matmul_peak(sorted({"float32", args.dtype}))
     images = args.groups * args.batch
     flops = 3 * vit_forward_flops(args.variant, args.crop) * images
     common = {
@@ -198,15 +226,17 @@ def main():
             "fraction_of_peak": flops
             / sec
             / 1e9
-            / (peaks["torch_gflops"] if name == "torch" else peaks["jax_gflops"]),
+            / peaks["torch" if name.startswith("torch") else "jax"][c["dtype"]],
         }
-        for key in ("compile_s", "temp_bytes", "peak_bytes", "backbone"):
+        for key in ("compile_s", "temp_bytes", "peak_bytes", "backbone", "dtype"):
             if key in c:
                 row[key] = c[key]
         rows.append(row)
-    for name in ("jax", "jax_one_backward"):
-        ratios = [a / b for a, b in zip(contenders[name]["times"], contenders["torch"]["times"])]
-        rows.append({"name": f"{name}_over_torch", **common, "ratio": float(np.median(ratios))})
+    for name, _, _ in jax_runs:
+        for ref, _ in torch_runs:
+            pairs = zip(contenders[name]["times"], contenders[ref]["times"])
+            ratio = float(np.median([a / b for a, b in pairs]))
+            rows.append({"name": f"{name}_over_{ref}", **common, "ratio": ratio})
     jsonl.emit(rows, args.out)
     print(markdown(rows))
 
@@ -222,10 +252,12 @@ def size(n: int) -> str:
 
 def markdown(rows) -> str:
     lines = [
-        "| step | s/step (median) | images/s | GFLOP/s (% of matmul peak) | memory | vs PyTorch |",
-        "|---|---|---|---|---|---|",
+        (
+            "| step | dtype | s/step (median) | images/s | GFLOP/s (% of matmul peak) | memory "
+            "| vs PyTorch (median of paired rounds) |"
+        ),
+        "|---|---|---|---|---|---|---|",
     ]
-    ratio = {r["name"][: -len("_over_torch")]: r["ratio"] for r in rows if "ratio" in r}
     for r in rows:
         if "ratio" in r:
             continue
@@ -235,10 +267,16 @@ def markdown(rows) -> str:
             mem = f"peak RSS +{size(r['peak_bytes'])}"
         else:
             mem = "not measured (--no-peak)"
-        vs = f"{ratio[r['name']]:.2f}x" if r["name"] in ratio else "1"
+        prefix = r["name"] + "_over_"
+        vs = "; ".join(
+            f"{q['ratio']:.2f}x {q['name'][len(prefix) :]}"
+            for q in rows
+            if "ratio" in q and q["name"].startswith(prefix)
+        )
         lines.append(
-            f"| {r['name']} | {r['seconds_per_step']:.3g} | {r['images_per_sec']:.3g} | "
-            f"{r['gflop_per_sec']:.0f} ({100 * r['fraction_of_peak']:.0f} %) | {mem} | {vs} |"
+            f"| {r['name']} | {r['dtype']} | {r['seconds_per_step']:.3g} | "
+            f"{r['images_per_sec']:.3g} | {r['gflop_per_sec']:.0f} "
+            f"({100 * r['fraction_of_peak']:.0f} %) | {mem} | {vs or '1'} |"
         )
     return "\n".join(lines)
 

@@ -71,11 +71,16 @@ def _flash_bwd(block, res, do):
         qs = q[:, :, s:e] * scale
         p = jnp.exp(_scores(qs, k) - lse[:, :, s:e])  # [B, H, bq, N], recomputed
         do_s = do[:, :, s:e]
-        dv = dv + jnp.einsum("bhqk,bhqd->bhkd", p, do_s, preferred_element_type=acc)
+        # The [bq, N] factors are cast to the inputs' dtype before each product (a no-op in
+        # float32): bf16 x bf16 -> fp32 dots are the fast ones, mixed operands would promote.
+        dv = dv + jnp.einsum(
+            "bhqk,bhqd->bhkd", p.astype(do.dtype), do_s, preferred_element_type=acc
+        )
         dp = jnp.einsum("bhqd,bhkd->bhqk", do_s, v, preferred_element_type=acc)
         ds = p * (dp - delta[:, :, s:e])
-        dq.append(jnp.einsum("bhqk,bhkd->bhqd", ds, k, preferred_element_type=acc) * scale)
-        dk = dk + jnp.einsum("bhqk,bhqd->bhkd", ds, qs, preferred_element_type=acc)
+        ds_in = ds.astype(k.dtype)
+        dq.append(jnp.einsum("bhqk,bhkd->bhqd", ds_in, k, preferred_element_type=acc) * scale)
+        dk = dk + jnp.einsum("bhqk,bhqd->bhkd", ds_in, qs, preferred_element_type=acc)
     dq = jnp.concatenate(dq, axis=2)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 

@@ -1,10 +1,13 @@
 """Cosine pixel classifier with "mask norm" (SPEC 1.3): the only decode layer LarvSeg uses."""
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from larvseg_jax.models import matmul
 
 MASK_NORM_EPS = 1e-5
 
@@ -67,10 +70,13 @@ class CosineHead(nn.Module):
         gamma = self.param("gamma", nn.initializers.ones, ())
         beta = self.param("beta", nn.initializers.zeros, ())
 
-        x = l2_normalize(features.astype(self.dtype) @ patch_proj.astype(self.dtype))
-        e = l2_normalize(cls_emb[cls_index].astype(self.dtype) @ class_proj.astype(self.dtype))
+        project = functools.partial(matmul.einsum, "...i,io->...o")
+        x = l2_normalize(project(features.astype(self.dtype), patch_proj.astype(self.dtype)))
+        e = l2_normalize(
+            project(cls_emb[cls_index].astype(self.dtype), class_proj.astype(self.dtype))
+        )
         out_dtype = jnp.promote_types(self.dtype, jnp.float32)  # scores never below fp32
-        scores = jnp.einsum("bhwd,nd->bhwn", x, e).astype(out_dtype)
+        scores = matmul.einsum("bhwd,nd->bhwn", x, e, out_dtype=out_dtype)
         logits = mask_norm(scores, gamma, beta, class_mask)
         aux = {
             "score": jax.lax.stop_gradient(scores),

@@ -17,6 +17,7 @@ import numpy as np
 
 from larvseg_jax import interp
 from larvseg_jax.models import attention as attention_lib
+from larvseg_jax.models import matmul
 
 LN_EPS = 1e-6
 POS_RESIZE_RULES = ("shape", "token_count")
@@ -79,14 +80,31 @@ class SelfAttention(nn.Module):
         # (the [B, N, H, Dh] layout makes the attention products ~4x slower on CPU, ENVIRONMENT 9).
         kernel = jnp.stack([p[0] for p in qkv], axis=1).astype(self.dtype)  # [D, 3, H, Dh]
         bias = jnp.stack([p[1] for p in qkv], axis=0).astype(self.dtype)  # [3, H, Dh]
-        qkv = jnp.einsum("bnd,dthk->tbhnk", x, kernel) + bias[:, None, :, None, :]
+        qkv = matmul.einsum("bnd,dthk->tbhnk", x.astype(self.dtype), kernel)
+        qkv = qkv + bias[:, None, :, None, :]
         o = attention_lib.attention(
             qkv[0], qkv[1], qkv[2], implementation=self.implementation
         )  # [B, H, N, Dh]
         out_kernel, out_bias = _Projection((self.num_heads, dh, d), (d,), 2, name="out")()
-        return jnp.einsum("bhnk,hkd->bnd", o, out_kernel.astype(self.dtype)) + out_bias.astype(
-            self.dtype
+        o = matmul.einsum("bhnk,hkd->bnd", o, out_kernel.astype(self.dtype))
+        return o + out_bias.astype(self.dtype)
+
+
+class Dense(nn.Module):
+    """nn.Dense's parameters and math, its matmul through `matmul.einsum` (float32 accumulation
+    in bf16 compute, both passes)."""
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", nn.initializers.xavier_uniform(), (x.shape[-1], self.features)
         )
+        bias = self.param("bias", nn.initializers.normal(1e-6), (self.features,))  # big_vision
+        y = matmul.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+        return y + bias.astype(self.dtype)
 
 
 class MlpBlock(nn.Module):
@@ -98,14 +116,9 @@ class MlpBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
-        dense = {
-            "dtype": self.dtype,
-            "kernel_init": nn.initializers.xavier_uniform(),
-            "bias_init": nn.initializers.normal(1e-6),  # big_vision's MLP bias init
-        }
-        x = nn.Dense(self.mlp_dim, **dense)(x)
+        x = Dense(self.mlp_dim, self.dtype, name="Dense_0")(x)
         x = nn.gelu(x, approximate=False)
-        return nn.Dense(d, **dense)(x)
+        return Dense(d, self.dtype, name="Dense_1")(x)
 
 
 def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
@@ -188,6 +201,27 @@ class AddPositionEmbs(nn.Module):
         return x + table.astype(self.dtype)
 
 
+class PatchEmbedding(nn.Module):
+    """The ViT's p x p, stride-p convolution (nn.Conv's parameters: kernel [p, p, 3, D], bias),
+    computed as patches @ kernel. Same sums; but XLA:CPU ran the convolution's kernel gradient
+    as a generic strided convolution, 1.45 s per 2 images at 512 (a sixth of the ViT-B/16
+    step), where the matmul takes milliseconds."""
+
+    width: int
+    patch_size: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, H, W, C] with H, W multiples of the patch -> [B, H/p, W/p, D]."""
+        p, (b, height, width, c) = self.patch_size, x.shape
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.width))
+        bias = self.param("bias", nn.initializers.zeros, (self.width,))
+        patches = x.reshape(b, height // p, p, width // p, p, c).astype(self.dtype)
+        y = matmul.einsum("bhpwqc,pqcd->bhwd", patches, kernel.astype(self.dtype))
+        return y + bias.astype(self.dtype)
+
+
 class Encoder(nn.Module):
     """Position embedding, `depth` blocks with linearly increasing drop-path, final LayerNorm."""
 
@@ -255,9 +289,7 @@ class ViT(nn.Module):
         # Zero padding on the bottom/right to a multiple of the patch (mmseg pad_to_patch_size).
         pad_h, pad_w = -height % p, -width % p
         x = jnp.pad(images.astype(self.dtype), ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-        x = nn.Conv(
-            self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="embedding"
-        )(x)  # [B, h, w, D]
+        x = PatchEmbedding(self.width, p, self.dtype, name="embedding")(x)  # [B, h, w, D]
         h, w = x.shape[1:3]
         x = x.reshape(b, h * w, self.width)
         cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
