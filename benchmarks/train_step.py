@@ -139,6 +139,11 @@ def main():
     )
     p.add_argument("--no-peak", action="store_true", help="skip PyTorch's peak-memory child run")
     p.add_argument(
+        "--jax-only",
+        action="store_true",
+        help="no PyTorch steps: the JAX steps alternate among themselves (no ratios)",
+    )
+    p.add_argument(
         "--out", default=os.path.join(os.path.dirname(__file__), "results", "train_step_cpu.jsonl")
     )
     args = p.parse_args()
@@ -176,8 +181,8 @@ def main():
             "times": [],
         }
     inputs = torch_inputs(args, host, plan)
-    torch_runs = [("torch", args.dtype)]
-    if args.dtype != "float32":
+    torch_runs = [] if args.jax_only else [("torch", args.dtype)]
+    if args.dtype != "float32" and not args.jax_only:
         torch_runs.append(("torch_fp32", "float32"))
     for name, dtype in torch_runs:
         bf16 = dtype == "bfloat16"
@@ -202,6 +207,7 @@ def main():
     images = args.groups * args.batch
     flops = 3 * vit_forward_flops(args.variant, args.crop) * images
     common = {
+        "with_torch_steps": not args.jax_only,
         "variant": args.variant,
         "crop": args.crop,
         "classes": args.classes,
@@ -276,7 +282,7 @@ def markdown(rows) -> str:
         lines.append(
             f"| {r['name']} | {r['dtype']} | {r['seconds_per_step']:.3g} | "
             f"{r['images_per_sec']:.3g} | {r['gflop_per_sec']:.0f} "
-            f"({100 * r['fraction_of_peak']:.0f} %) | {mem} | {vs or '1'} |"
+            f"({100 * r['fraction_of_peak']:.0f} %) | {mem} | {vs or ('1' if r['name'].startswith('torch') else '-')} |"
         )
     return "\n".join(lines)
 
