@@ -27,8 +27,8 @@ def taps(n_in: int, n_out: int, start: int, size: int) -> np.ndarray:
     i0, i1, w0, w1 = bilinear_taps(n_in, n_out)
     out = np.zeros((4, size), np.float32)
     stop = min(start + size, n_out)
-    for row, taps in enumerate((i0, i1, w0, w1)):
-        out[row, : stop - start] = taps[start:stop]
+    for row, values in enumerate((i0, i1, w0, w1)):
+        out[row, : stop - start] = values[start:stop]
     return out
 
 
