@@ -161,7 +161,7 @@ def time_pipeline(args, data_dir, workers):
 def time_step(args, data_dir):
     import jax
 
-    from larvseg_jax import experiment, sharding, train
+    from larvseg_jax import experiment, sharding, train, train_metrics
 
     cfg = importlib.import_module(f"configs.{args.step_config}").get_config()
     cfg.data.dir = data_dir
@@ -186,7 +186,7 @@ def time_step(args, data_dir):
         host[spec.name] = {"image": image, "label": label}
     batch = sharding.host_batch_to_global(host, setup.mesh)
     state = train.initial_state(setup)
-    fn = train.compile_step(setup, train.make_metrics_collection(settings))
+    fn = train.compile_step(setup, train_metrics.make_metrics_collection(settings))
     times = []
     for _ in range(1 + args.step_rounds):  # the first call compiles
         t0 = time.perf_counter()

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import numpy as np
 
-from larvseg_jax import experiment, groups, memory, sharding, train
+from larvseg_jax import experiment, groups, memory, sharding, train, train_metrics
 from larvseg_jax.vocab import IGNORE
 
 DEFAULT_CONFIGS = (
@@ -132,7 +132,7 @@ def measure(name: str, args, data_dir: str, out: dict) -> None:
     batch = sharding.host_batch_to_global(
         random_batch(settings, np.random.default_rng(0)), setup.mesh
     )
-    step_fn = train.compile_step(setup, train.make_metrics_collection(settings))
+    step_fn = train.compile_step(setup, train_metrics.make_metrics_collection(settings))
     t0 = time.perf_counter()
     compiled = step_fn.lower(setup.abstract_state, batch).compile()
     out["compile_s"] = time.perf_counter() - t0

@@ -10,6 +10,7 @@ same width (one program) and ignores the classes its neighbour owns.
 """
 
 import functools
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -75,3 +76,43 @@ def confidence_tiles(total, rows, cols):
     return lax.map(
         lambda rc: tiles.two_tap(lambda i, j: probability[i, j], rc[0], rc[1]), (rows, cols)
     )
+
+
+def merge(
+    accumulate: Callable[[int], tuple[jax.Array, jax.Array]],
+    calls: Sequence[tuple[jax.Array, jax.Array]],
+    *,
+    num_classes: int,
+    chunk: int,
+    confidence: bool,
+) -> list[tuple[jax.Array, jax.Array | None]]:
+    """Labels (and confidence) of one image's output tiles, one class chunk at a time.
+
+    Args:
+      accumulate: start -> the image's accumulator of classes start..start+chunk-1
+        [Hb, Wb, chunk] and its window count [Hb, Wb] (how callers sum their windows differs:
+        one window at a time, or a batch's windows at once).
+      calls: per resize call, the tile taps (rows, cols) of `tiles.tile_grid`.
+      num_classes, chunk: N and the classes per chunk (< N).
+      confidence: also the resized softmax maximum.
+
+    Returns:
+      per call, int32 [K, TILE, TILE] labels and float32 [K, TILE, TILE] confidence (or None).
+    """
+    best = [jnp.full((rows.shape[0], tiles.TILE, tiles.TILE), -jnp.inf) for rows, _ in calls]
+    label = [jnp.zeros(b.shape, jnp.int32) for b in best]
+    top = total = None
+    for c0, c_end, start in starts(num_classes, chunk):
+        acc, count = accumulate(start)
+        for k, (rows, cols) in enumerate(calls):
+            best[k], label[k] = chunk_labels(
+                acc, count, rows, cols, start, c0, c_end, best[k], label[k]
+            )
+        if confidence:
+            if top is None:
+                top, total = jnp.full(count.shape, -jnp.inf), jnp.zeros(count.shape)
+            top, total = softmax_stats(acc, count, start, c0, c_end, top, total)
+    return [
+        (label[k], confidence_tiles(total, rows, cols) if confidence else None)
+        for k, (rows, cols) in enumerate(calls)
+    ]

@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from larvseg_jax import checkpoint, experiment, groups, memory, sharding, train
+from larvseg_jax import checkpoint, experiment, groups, memory, sharding, train, train_metrics
 from larvseg_jax.errors import UserError
 from larvseg_jax.train_step import state_shardings
 
@@ -77,7 +77,7 @@ def plan(cfg, devices) -> dict:
         mesh,
         template.schedule,
         shardings,
-        train.make_metrics_collection(template.settings),
+        train_metrics.make_metrics_collection(template.settings),
     )
     parts = memory.breakdown(step.lower(state, batch).compile(), state, batch, len(devices))
     parts["groups_per_device"] = per_device

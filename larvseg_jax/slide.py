@@ -278,31 +278,28 @@ class SlideRunner:
     def _resize_chunked(self, item: _Image) -> None:
         """Accumulates and resizes `class_chunk` classes at a time, merging labels (and the
         softmax statistics of the confidence) across chunks; drops the kept window logits."""
-        n, chunk, device = self.num_classes, self.class_chunk, item.device
         calls = self._tile_taps(item)
-        shape = (len(calls), tiles.TILES_PER_CALL, tiles.TILE, tiles.TILE)
-        with jax.default_device(device):
-            best = [jnp.full(shape[1:], -jnp.inf, jnp.float32) for _ in calls]
-            label = [jnp.zeros(shape[1:], jnp.int32) for _ in calls]
-            bucket = self._bucket(item)
-            top, total = jnp.full(bucket, -jnp.inf), jnp.zeros(bucket)
-            for c0, c_end, start in class_chunks.starts(n, chunk):
-                acc, count = jax.device_put(_zeros(shape=bucket, num_classes=chunk), device)
-                for logits, first, num, y1, x1, hw in item.parts:
-                    acc, count = _accumulate_batch(
-                        acc, count, logits, first, num, y1, x1, item.transposed, start, hw=hw
-                    )
-                for k, (_, rows, cols) in enumerate(calls):
-                    best[k], label[k] = class_chunks.chunk_labels(
-                        acc, count, rows, cols, start, c0, c_end, best[k], label[k]
-                    )
-                if self.confidence:
-                    top, total = class_chunks.softmax_stats(
-                        acc, count, start, c0, c_end, top, total
-                    )
-        for k, (corners, rows, cols) in enumerate(calls):
-            conf = class_chunks.confidence_tiles(total, rows, cols) if self.confidence else None
-            item.tiles.append((corners, (label[k], conf)))
+        bucket = self._bucket(item)
+
+        def accumulate(start):
+            acc, count = jax.device_put(
+                _zeros(shape=bucket, num_classes=self.class_chunk), item.device
+            )
+            for logits, first, num, y1, x1, hw in item.parts:
+                acc, count = _accumulate_batch(
+                    acc, count, logits, first, num, y1, x1, item.transposed, start, hw=hw
+                )
+            return acc, count
+
+        with jax.default_device(item.device):
+            merged = class_chunks.merge(
+                accumulate,
+                [(rows, cols) for _, rows, cols in calls],
+                num_classes=self.num_classes,
+                chunk=self.class_chunk,
+                confidence=self.confidence,
+            )
+        item.tiles += [(corners, out) for (corners, _, _), out in zip(calls, merged, strict=True)]
         item.parts = []
         item.after = self._work[item.device]
 

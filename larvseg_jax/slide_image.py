@@ -191,21 +191,21 @@ def slide_labels(
         logits = checked(predict_fn(crop_window(image, y1, x1, hw=hw)), 1, num_classes)
         parts.append((logits[0].astype(jnp.float32), y1, x1, hw))
     ((_, rows, cols),) = tiles.tile_grid((h, w), out_hw)
-    best = jnp.full((rows.shape[0], tiles.TILE, tiles.TILE), -jnp.inf, jnp.float32)
-    label = jnp.zeros(best.shape, jnp.int32)
-    top, total = jnp.full((h, w), -jnp.inf, jnp.float32), jnp.zeros((h, w), jnp.float32)
-    for c0, c_end, start in class_chunks.starts(num_classes, class_chunk):
+
+    def accumulate(start):
         acc = jnp.zeros((h, w, class_chunk), jnp.float32)
         count = jnp.zeros((h, w), jnp.float32)
         for logits, y1, x1, hw in parts:
-            chunk = logits[..., start : start + class_chunk]
-            acc, count = add_window(acc, count, chunk, y1, x1, hw)
-        best, label = class_chunks.chunk_labels(
-            acc, count, rows, cols, start, c0, c_end, best, label
-        )
-        if confidence:
-            top, total = class_chunks.softmax_stats(acc, count, start, c0, c_end, top, total)
-    conf = None
-    if confidence:
-        conf = tiles.assemble(class_chunks.confidence_tiles(total, rows, cols), out_hw)
-    return tiles.assemble(label, out_hw), conf
+            acc, count = add_window(
+                acc, count, logits[..., start : start + class_chunk], y1, x1, hw
+            )
+        return acc, count
+
+    ((label, conf),) = class_chunks.merge(
+        accumulate,
+        [(rows, cols)],
+        num_classes=num_classes,
+        chunk=class_chunk,
+        confidence=confidence,
+    )
+    return tiles.assemble(label, out_hw), None if conf is None else tiles.assemble(conf, out_hw)

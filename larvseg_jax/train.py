@@ -1,40 +1,32 @@
-"""The training loop and checkpoint evaluation: the one trainer every experiment goes through."""
+"""The training loop and checkpoint evaluation: the one trainer every experiment goes through.
+
+Its metrics and progress line are `train_metrics`; evaluating a state is `train_eval`."""
 
 import functools
-import json
 import os
-import time
 from typing import Any
 
-import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 from clu import metrics as clu_metrics
-from clu import parameter_overview
-from PIL import Image
 
 from larvseg_jax import (
-    ca_visualize,
     checkpoint,
-    evaluate,
     experiment,
     groups,
     interrupts,
     memory,
     sharding,
-    slide_image,
     tb_writer,
-    visualize,
 )
-from larvseg_jax.data import catalog, pipeline, sources
-from larvseg_jax.errors import CheckpointError, MissingError, NonFiniteError
+from larvseg_jax.data import pipeline
+from larvseg_jax.errors import CheckpointError, MissingError
 from larvseg_jax.experiment import Setup
 from larvseg_jax.models import pretrained
-from larvseg_jax.progress import format_seconds
-from larvseg_jax.train_step import TrainState, metric_names, train_step
+from larvseg_jax.train_eval import last_report, run_eval
+from larvseg_jax.train_metrics import LogWindow, log_parameters, make_metrics_collection
+from larvseg_jax.train_step import TrainState, train_step
 
 
 def initial_state(setup: Setup) -> TrainState:
@@ -85,76 +77,6 @@ def make_train_iterator(setup: Setup):
     )
 
 
-def _finite_average(name: str) -> type[clu_metrics.Metric]:
-    """Average of output `name` over the window's finite steps (skipped steps not averaged)."""
-
-    @flax.struct.dataclass
-    class FiniteAverage(clu_metrics.Average):
-        @classmethod
-        def from_model_output(cls, **out) -> clu_metrics.Average:
-            finite = out["finite"]
-            value = jnp.asarray(out[name], jnp.float32)
-            return cls(total=jnp.where(finite, value, 0.0), count=finite.astype(jnp.int32))
-
-    return FiniteAverage
-
-
-def _bad_count(test) -> type[clu_metrics.Metric]:
-    """Steps of the window for which `test(outputs)` is True (non-finite bookkeeping)."""
-
-    @flax.struct.dataclass
-    class Count(clu_metrics.Metric):
-        total: jax.Array
-
-        @classmethod
-        def from_model_output(cls, **out) -> clu_metrics.Metric:
-            return cls(total=test(out).astype(jnp.int32))
-
-        def merge(self, other):
-            return type(self)(total=self.total + other.total)
-
-        def compute(self):
-            return self.total
-
-    return Count
-
-
-NO_STEP = np.iinfo(np.int32).max
-
-
-@flax.struct.dataclass
-class _FirstNonFinite(clu_metrics.Metric):
-    """The first step of the window whose loss or gradients were not finite (NO_STEP: none)."""
-
-    step: jax.Array
-
-    @classmethod
-    def from_model_output(cls, **out) -> clu_metrics.Metric:
-        return cls(step=jnp.where(out["finite"], NO_STEP, out["step"]).astype(jnp.int32))
-
-    def merge(self, other):
-        return type(self)(step=jnp.minimum(self.step, other.step))
-
-    def compute(self):
-        return self.step
-
-
-def make_metrics_collection(settings) -> type[clu_metrics.Collection]:
-    """A clu Collection of each train metric averaged over a log window's finite steps, plus
-    the count of non-finite steps, the first of them and which loss terms were not finite."""
-    names = metric_names(settings)
-    fields = {n: _finite_average(n) for n in names}
-    fields["skipped_steps"] = _bad_count(lambda out: ~out["finite"])
-    fields["first_nonfinite_step"] = _FirstNonFinite
-    for n in names:
-        if n.startswith(("loss", "aux_")):
-            fields[f"nonfinite_{n}"] = _bad_count(lambda out, n=n: ~jnp.isfinite(out[n]))
-    fields["nonfinite_gradients"] = _bad_count(
-        lambda out: jnp.isfinite(out["loss"]) & ~out["grads_finite"]
-    )
-    return clu_metrics.Collection.create(**fields)
-
-
 def compile_step(setup: Setup, collection: type[clu_metrics.Collection]):
     """The jitted step: (state, global batch) -> (state, this step's metrics collection)."""
     return jit_step(
@@ -202,264 +124,6 @@ def compile_within_memory(setup: Setup, step_fn: Any, state: TrainState, batch: 
     )
     memory.check_fits(parts, turn, jax.local_devices()[0])
     return compiled
-
-
-def _local_value(x: Any) -> Any:
-    """A replicated global array's copy on one of this process's devices (device_put of a
-    multi-process array to one device is not allowed); anything else as it is."""
-    if isinstance(x, jax.Array) and x.is_fully_replicated:
-        return x.addressable_shards[0].data
-    return x
-
-
-def make_predict_fn(setup: Setup, params: Any, devices: Any = None) -> slide_image.PredictFn:
-    """Jitted images [B, h, w, 3] -> eval-vocabulary logits [B, h', w', N], computed on the
-    device that holds the images.
-
-    Params and the class index are copied once to each of `devices` (default: the local ones),
-    so the round-robin of `slide.SlideRunner` moves only windows. One jitted function: its
-    programs are per window batch shape and device, never per image.
-    """
-    devices = jax.local_devices() if devices is None else list(devices)
-    params = jax.tree.map(_local_value, params)
-    index = np.asarray(setup.voc.eval_index)
-    replicas = {d: (jax.device_put(params, d), jax.device_put(index, d)) for d in devices}
-
-    @jax.jit
-    def predict(p, eval_index, images):
-        return setup.model.apply({"params": p}, images, eval_index, train=False)[0]
-
-    def predict_on_images_device(images: jax.Array) -> jax.Array:
-        if images.device not in replicas:
-            raise ValueError(f"images on {images.device}; params are on {list(replicas)}")
-        return predict(*replicas[images.device], images)
-
-    return predict_on_images_device
-
-
-def frequency_counts(data_dir: str, eval_source: str) -> tuple[str, dict | None, str]:
-    """Training images per class name from the eval set's frequency source (catalog).
-
-    Returns:
-      (source name or "", counts or None, why there are none or "").
-    """
-    source = catalog.get(eval_source).frequency_source
-    if not source:
-        return "", None, f"the catalog names no frequency source for {eval_source!r}"
-    counts = sources.class_image_counts(data_dir, source, split=catalog.get(source).split)
-    if counts is not None:
-        return source, counts, ""
-    where = sources.source_dir(data_dir, source)
-    if not os.path.exists(os.path.join(where, "metadata.json")):
-        return source, None, f"training source {source!r} is not on disk ({where})"
-    why = "has no per-class image counts (written before they were counted: re-run its converter)"
-    return source, None, f"{where}/metadata.json {why}"
-
-
-def run_eval(setup: Setup, state: TrainState, step: int, writer: Any) -> dict:
-    """mIoU JSON + TensorBoard scalars and panels; CA attention panels when there is a bank."""
-    loop = setup.loop
-    dataset = pipeline.make_eval_dataset(
-        loop.eval_source,
-        data_dir=setup.data_dir,
-        short_side=loop.eval_short_side,
-        max_images=loop.eval_max_images,
-    )
-    frequency_source, counts, note = frequency_counts(setup.data_dir, loop.eval_source)
-    report = evaluate.run_evaluation(
-        make_predict_fn(setup, state.params),
-        dataset,
-        class_names=list(setup.voc.eval_names),
-        base_names=list(setup.voc.base),
-        novel_names=list(setup.voc.novel),
-        crop=loop.eval_crop,
-        stride=loop.eval_stride,
-        mode=loop.eval_mode,
-        step=step,
-        out_dir=os.path.join(setup.workdir, "eval"),
-        num_panels=loop.num_panels,
-        class_counts=counts,
-        frequency_source=frequency_source,
-        frequency_note=note,
-        bucket_thresholds=loop.eval_frequency_buckets,
-        batch_windows=loop.eval_batch_windows,
-        class_chunk=loop.eval_class_chunk,
-    )
-    panels = report.pop("panels", [])
-    scalars = {k: report[k] for k in ("miou", "miou_base", "miou_novel", "hiou", "pixel_acc")}
-    if report["frequency"] is not None:
-        scalars.update({f"miou_{b}": report["frequency"][f"miou_{b}"] for b in evaluate.BUCKETS})
-    writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items() if v is not None})
-    if panels:
-        # Panels keep each image's own size, so they are written one tag each.
-        writer.write_images(
-            step, {f"eval/input_gt_prediction/{i}": p for i, p in enumerate(panels)}
-        )
-    if state.bank is not None and loop.num_panels:
-        write_attention_panels(setup, state, step, writer, dataset)
-    writer.flush()
-    return report
-
-
-def write_attention_panels(setup: Setup, state: TrainState, step: int, writer, dataset) -> None:
-    """Image | class mask | CA attention, from the bank of the first CA group (PNG + TB)."""
-    settings = setup.settings
-    groups_with_ca = [
-        g for g, s in enumerate(settings.group_source_ids) if settings.sources[s].ca_weight
-    ]
-    if not groups_with_ca:
-        return
-    view = state.bank._replace(feats=None)  # scores read only the slot means
-    bank = jax.tree.map(lambda x: np.asarray(x[groups_with_ca[0]]), view)
-    panels = ca_visualize.attention_panels(
-        setup.model,
-        jax.device_get(state.params),
-        bank,
-        dataset,
-        setup.voc.eval_index,
-        list(setup.voc.eval_names),
-        settings.ca,
-        max_labels=settings.max_labels,
-        max_panels=setup.loop.num_panels,
-    )
-    if not panels:
-        return
-    writer.write_images(step, {f"eval/ca_attention/{t}": p for t, p in panels})
-    path = os.path.join(setup.workdir, "eval", f"ca_attention_step_{step}.png")
-    ramp = ca_visualize.heat(np.linspace(0.0, 1.0, 64))  # [64, 3] the colour bar
-    sheet = visualize.attention_sheet(panels, list(setup.voc.eval_names), heat_ramp=ramp)
-    Image.fromarray(sheet).save(path)
-
-
-class LogWindow:
-    """Train metrics averaged on device over `log_every_steps`; one progress line per window."""
-
-    def __init__(self, setup: Setup, writer: Any, step: int):
-        self.loop = setup.loop
-        self.writer = writer
-        self.images_per_step = setup.settings.num_groups * setup.settings.images_per_group
-        self.metrics: clu_metrics.Collection | None = None
-        self.first, self.start = step, time.perf_counter()
-        self.warned_unvisited = False
-        self.skipped_total = 0
-
-    def add(self, step_metrics: clu_metrics.Collection) -> None:
-        self.metrics = step_metrics if self.metrics is None else self.metrics.merge(step_metrics)
-
-    def flush(self, step: int) -> None:
-        """Fetches the window's means (one host sync), checks them, logs and writes TB."""
-        if self.metrics is None:
-            return
-        means = {k: float(v) for k, v in jax.device_get(self.metrics.compute()).items()}
-        self.metrics = None
-        window = step - self.first
-        if self._nonfinite(means, step) == window:
-            logging.warning(
-                "step %d: every step since %d was skipped (non-finite)", step, self.first
-            )
-            self.first, self.start = step, time.perf_counter()
-            return
-        bad = [k for k, v in means.items() if not np.isfinite(v)]
-        if bad:
-            raise NonFiniteError(
-                f"non-finite {', '.join(bad)} between steps {self.first} and {step}: lower "
-                "--config.optim.lr or check the data"
-            )
-        self._warn_unvisited(means)
-        now = time.perf_counter()
-        # The first window includes compilation; throughput is honest from the second.
-        rate = (step - self.first) * self.images_per_step / max(now - self.start, 1e-9)
-        eta = (self.loop.total_steps - step) * self.images_per_step / max(rate, 1e-9)
-        self.first, self.start = step, now
-        terms = "  ".join(
-            f"{k} {v:.4f}" for k, v in means.items() if k.startswith(("loss_", "aux_"))
-        )
-        logging.info(
-            "step %d/%d  loss %.4f  %s  lr %.2e  %.1f img/s  ETA %s",
-            step,
-            self.loop.total_steps,
-            means["loss"],
-            terms,
-            means["lr"],
-            rate,
-            format_seconds(eta),
-        )
-        scalars = {f"train/{k}": v for k, v in means.items()}
-        scalars["train/images_per_sec"] = rate
-        self.writer.write_scalars(step, scalars)
-
-    def _nonfinite(self, means: dict, step: int) -> int:
-        """Pops the non-finite bookkeeping from `means`; stops or warns per train.nonfinite.
-
-        Returns the window's count of skipped (non-finite) steps.
-        """
-        skipped = int(means.pop("skipped_steps"))
-        first = int(means.pop("first_nonfinite_step"))
-        terms = [
-            k.removeprefix("nonfinite_")
-            for k in [k for k in means if k.startswith("nonfinite_")]
-            if means.pop(k) > 0
-        ]
-        self.skipped_total += skipped
-        self.writer.write_scalars(step, {"train/skipped_steps": skipped})  # in this window
-        if not skipped:
-            return 0
-        what = f"non-finite {', '.join(terms) or 'loss'} at step {first}"
-        if skipped > 1:
-            what += f" (and {skipped - 1} more of steps {first}-{step - 1})"
-        kept = "params, optimizer state and memory bank were left as they were for those steps"
-        if self.loop.nonfinite == "stop":
-            raise NonFiniteError(
-                f"{what}; {kept} and training stopped: lower --config.optim.lr, check that "
-                "source's data, or pass --config.train.nonfinite=skip to go on past such steps"
-            )
-        logging.warning("%s: skipped (%s; %d skipped so far)", what, kept, self.skipped_total)
-        return skipped
-
-    def _warn_unvisited(self, means: dict) -> None:
-        """Warns once when crops carry more labels than the CA pair lists hold."""
-        over = {
-            k.removeprefix("unvisited_labels_"): v for k, v in means.items() if "unvisited" in k
-        }
-        over = {k: v for k, v in over.items() if v > 0}
-        if over and not self.warned_unvisited:
-            logging.warning(
-                "crops of %s had more than data.max_labels=%d labels (%s per step): those labels "
-                "got no CA-classifier pair; raise --config.data.max_labels",
-                ", ".join(over),
-                self.loop.max_labels,
-                ", ".join(f"{v:.1f}" for v in over.values()),
-            )
-            self.warned_unvisited = True
-
-
-def log_parameters(state: TrainState, writer: Any) -> None:
-    """Parameter counts in the log; clu's full parameter table in TensorBoard's text tab."""
-    counts = {k: int(parameter_overview.count_parameters(v)) for k, v in state.params.items()}
-    logging.info(
-        "parameters: %s (%s)",
-        f"{sum(counts.values()):,}",
-        ", ".join(f"{k} {v:,}" for k, v in counts.items()),
-    )
-    logging.info(
-        "process %d of %d: %d local of %d devices (%s)",
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_device_count(),
-        jax.device_count(),
-        jax.devices()[0].device_kind,
-    )
-    table = parameter_overview.get_parameter_overview(state.params, include_stats=False)
-    writer.write_texts(0, {"parameters": "```\n" + table + "\n```"})
-
-
-def last_report(workdir: str, step: int) -> dict:
-    """The eval JSON of `step` if it was written, else {}."""
-    path = os.path.join(workdir, "eval", f"step_{step}.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
 
 
 def train_and_evaluate(

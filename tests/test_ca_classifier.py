@@ -1,5 +1,7 @@
 """CA-classifier against the loop-based numpy reference of SPEC 2.4 / 2.5, plus its invariants."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,28 +41,33 @@ def reference_step(queue, ptr, full, embed, score, labels, logits, ref_cfg):
     return reference.ca_reference(queue, ptr, full, embed, score, labels, up, CLS_INDEX, ref_cfg)
 
 
+def jax_step(cfg, max_labels=MAX_LABELS):
+    """One CA step (attend, enqueue, attentive CE) as a jitted function of (bank, embed, score,
+    labels, logits). Jitted because op-by-op dispatch compiled for ~7 s per new batch shape; a
+    new function per call, so that the monkeypatches of test_ca_mutations reach its trace."""
+
+    def step(bank, embed, score, labels, logits):
+        present = losses.present_classes(labels, N)
+        writes, pairs = ca.attend(
+            bank, embed, score, present, jnp.asarray(CLS_INDEX), cfg, max_labels=max_labels
+        )
+        bank = ca.enqueue(bank, writes)
+        loss, ce = ca.attentive_ce(
+            logits,
+            pairs["a"],
+            pairs["label"],
+            pairs["valid"],
+            pairs["warm"],
+            present,
+            labels.shape[1:],
+        )
+        return loss, bank, pairs, ce
+
+    return jax.jit(step)
+
+
 def run_jax(bank, embed, score, labels, logits, cfg, max_labels=MAX_LABELS):
-    present = losses.present_classes(jnp.asarray(labels), N)
-    writes, pairs = ca.attend(
-        bank,
-        jnp.asarray(embed),
-        jnp.asarray(score),
-        present,
-        jnp.asarray(CLS_INDEX),
-        cfg,
-        max_labels=max_labels,
-    )
-    bank = ca.enqueue(bank, writes)
-    loss, ce = ca.attentive_ce(
-        jnp.asarray(logits),
-        pairs["a"],
-        pairs["label"],
-        pairs["valid"],
-        pairs["warm"],
-        present,
-        labels.shape[1:],
-    )
-    return loss, bank, pairs, ce
+    return jax_step(cfg, max_labels)(bank, embed, score, labels, logits)
 
 
 def settings(single_image, memory_size, warm_up, bg_mse_thresh=1.6):
@@ -84,14 +91,15 @@ def settings(single_image, memory_size, warm_up, bg_mse_thresh=1.6):
     return cfg, ref_cfg
 
 
-def step_matches_reference(bank, batch, cfg, ref_cfg):
-    """One step of both implementations on the same bank; asserts equality.
+def step_matches_reference(bank, batch, cfg, ref_cfg, step=None):
+    """One step of both implementations on the same bank (`step`: a `jax_step` of cfg to
+    reuse); asserts equality.
 
     Returns the JAX bank after the step, the paths exercised and the reference's pairs.
     """
     embed, score, labels, logits = batch
     queue, ptr, full = (np.asarray(x) for x in (bank.feats, bank.ptr, bank.full))
-    loss, bank, pairs, ce = run_jax(bank, embed, score, labels, logits, cfg)
+    loss, bank, pairs, ce = (step or jax_step(cfg))(bank, embed, score, labels, logits)
     ref_loss, queue, ptr, full, ref_pairs = reference_step(
         queue, ptr, full, embed, score, labels, logits, ref_cfg
     )
@@ -130,10 +138,11 @@ def several_steps_match_reference(cfg, ref_cfg):
     seen = set()
     with jax.enable_x64(True):
         bank = ca.init_bank(jax.random.PRNGKey(0), C, cfg.memory_size, K, D, jnp.float64)
+        step_fn = jax_step(cfg)
         for step in range(8):
             kinds = ["multi", "single", "single"] if step % 2 else ["single", "multi", "multi"]
             batch = random_step(rng, kinds)
-            bank, step_seen, _ = step_matches_reference(bank, batch, cfg, ref_cfg)
+            bank, step_seen, _ = step_matches_reference(bank, batch, cfg, ref_cfg, step_fn)
             seen |= step_seen
     return seen
 
@@ -153,9 +162,10 @@ def wrapping_twice_matches_reference(cfg, ref_cfg):
             labels[i, -1, -1] = 1
     with jax.enable_x64(True):
         bank = ca.init_bank(jax.random.PRNGKey(5), C, 4, K, D, jnp.float64)
+        step_fn = jax_step(cfg)
         for _ in range(2):  # the second step starts from a bank wrapped mid-batch
             batch = (embed, score, labels, logits)
-            bank, _, _ = step_matches_reference(bank, batch, cfg, ref_cfg)
+            bank, _, _ = step_matches_reference(bank, batch, cfg, ref_cfg, step_fn)
     return bank
 
 
@@ -227,12 +237,11 @@ def test_aux_is_zero_until_the_class_has_wrapped_once():
     rng = np.random.default_rng(3)
     bank = ca.init_bank(jax.random.PRNGKey(2), C, 3, 2, D)
     labels = np.zeros((1, 2 * SIDE, 2 * SIDE), int)  # class 0 only, single-label
+    step_fn = jax_step(cfg, max_labels=2)
     for step in range(4):
         embed = reference.l2n(rng.normal(size=(1, SIDE * SIDE, D)))
         score = np.tanh(rng.normal(size=(1, SIDE * SIDE, N)))
-        loss, bank, _, _ = run_jax(
-            bank, embed, score, labels, rng.normal(size=(1, SIDE, SIDE, N)), cfg, max_labels=2
-        )
+        loss, bank, _, _ = step_fn(bank, embed, score, labels, rng.normal(size=(1, SIDE, SIDE, N)))
         assert (float(loss) > 0) == (step >= 3)  # wraps after 3 writes: warm from the 4th
 
 
@@ -295,5 +304,6 @@ def test_cold_background_fix_on_a_multi_label_image():
     args = (jnp.asarray(embed), jnp.asarray(score), present, jnp.asarray(CLS_INDEX))
     for fix, expected in ((False, set(classes[1:])), (True, {classes[1]})):
         cfg = ca.CASettings(memory_size=2, topk=K, mask_cold_background=fix)
-        _, pairs = ca.attend(bank, *args, cfg, max_labels=MAX_LABELS)
+        attend = jax.jit(functools.partial(ca.attend, cfg=cfg, max_labels=MAX_LABELS))
+        _, pairs = attend(bank, *args)
         assert set(np.nonzero(np.asarray(pairs["bg_mask"][0, 0]))[0]) == expected

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from larvseg_jax import evaluate, experiment, train
+from larvseg_jax import evaluate, experiment, train_eval
 from larvseg_jax.data import sources
 from larvseg_jax.errors import ConfigError
 from tests.test_evaluate import EVAL_ARGS, fake_predict
@@ -107,20 +107,24 @@ def test_allgather_keeps_int64_beyond_int32():
 
 def test_frequency_counts_name_their_source_or_why_not(tmp_path):
     data_dir = str(tmp_path)
-    source, counts, note = train.frequency_counts(data_dir, "syn_eval")
+    source, counts, note = train_eval.frequency_counts(data_dir, "syn_eval")
     assert (source, counts) == ("syn_weak", None) and "'syn_weak' is not on disk" in note
     where = sources.source_dir(data_dir, "syn_weak")
     os.makedirs(where)
     meta = {"class_names": ["sky", "boat", "sky"]}
     with open(os.path.join(where, "metadata.json"), "w") as f:
         json.dump(meta, f)
-    source, counts, note = train.frequency_counts(data_dir, "syn_eval")
+    source, counts, note = train_eval.frequency_counts(data_dir, "syn_eval")
     assert counts is None and "no per-class image counts" in note
     meta["class_image_counts"] = {"train": [3, 4, 5]}
     with open(os.path.join(where, "metadata.json"), "w") as f:
         json.dump(meta, f)
-    assert train.frequency_counts(data_dir, "syn_eval") == ("syn_weak", {"sky": 8, "boat": 4}, "")
-    source, counts, note = train.frequency_counts(data_dir, "syn_seg")
+    assert train_eval.frequency_counts(data_dir, "syn_eval") == (
+        "syn_weak",
+        {"sky": 8, "boat": 4},
+        "",
+    )
+    source, counts, note = train_eval.frequency_counts(data_dir, "syn_seg")
     assert (source, counts) == ("", None) and "no frequency source" in note
 
 
@@ -144,7 +148,7 @@ import json, sys
 import jax
 import numpy as np
 from configs import smoke
-from larvseg_jax import evaluate, experiment, train
+from larvseg_jax import evaluate, experiment, train, train_eval
 
 workdir, out = sys.argv[1:]
 preds, histograms = [], evaluate.class_histograms
@@ -164,7 +168,7 @@ class Writer:
 
 evaluate.class_histograms = recording
 setup = experiment.build_setup(smoke.get_config(), workdir)
-report = train.run_eval(setup, train.initial_state(setup), 0, Writer())
+report = train_eval.run_eval(setup, train.initial_state(setup), 0, Writer())
 with open(out + ".json", "w") as f:
     json.dump({"devices": jax.local_device_count(), "report": report, "tb": Writer.scalars}, f)
 np.savez(out + ".npz", *preds)

@@ -29,6 +29,11 @@ def free_port() -> int:
 
 def train(workdir, num_processes: int, devices_per_process: int) -> list[str]:
     """main.py --mode train of the smoke config in `num_processes` processes; their outputs."""
+    return finish(start(workdir, num_processes, devices_per_process))
+
+
+def start(workdir, num_processes: int, devices_per_process: int) -> tuple[str, list]:
+    """Starts `train` without waiting (runs on other workdirs may go on at the same time)."""
     env = dict(
         os.environ,
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
@@ -49,6 +54,12 @@ def train(workdir, num_processes: int, devices_per_process: int) -> list[str]:
                     [*command, *extra], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
                 )
             )
+    return workdir, procs
+
+
+def finish(started: tuple[str, list]) -> list[str]:
+    """Waits for the processes of `start`; asserts they all succeeded; their outputs."""
+    workdir, procs = started
     # One process failing leaves the others waiting for it (up to JAX's 2-minute timeouts):
     # stop them all at the first failure and show every process's output.
     deadline = time.monotonic() + 600
@@ -73,10 +84,12 @@ def train(workdir, num_processes: int, devices_per_process: int) -> list[str]:
 def test_two_processes_train_as_one_and_resume(tmp_path):
     cfg = smoke.get_config()
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
-    outputs = train(two, num_processes=2, devices_per_process=2)
+    # The reference runs alongside: the processes spend most of their time compiling, on one
+    # core each.
+    started = start(two, num_processes=2, devices_per_process=2), start(one, 1, 4)
+    outputs, _ = map(finish, started)
     for i, out in enumerate(outputs):
         assert f"process {i} of 2: 2 local of 4 devices" in out and "step 6" in out
-    train(one, num_processes=1, devices_per_process=4)
     a, b = final_state(cfg, two), final_state(cfg, one)
     assert int(a.step) == int(b.step) == cfg.train.total_steps
     # Same programs over the same 4 devices; only the cross-process reductions may round

@@ -23,7 +23,7 @@ from larvseg_jax import (
     slide,
     slide_image,
     tiles,
-    train,
+    train_eval,
     visualize,
 )
 from larvseg_jax.data import catalog, transforms
@@ -97,7 +97,7 @@ def test_the_prediction_is_the_one_evaluation_scores(workdir, predictor):
     example = {"image": rgb, "label": np.zeros(rgb.shape[:2], np.int32), "class_id": -1, "id": ""}
     image = transforms.EvalResize(cfg.eval.short_side).map(example)["image"]
     runner = slide.SlideRunner(  # as evaluate.run_evaluation runs it
-        train.make_predict_fn(setup, state.params),
+        train_eval.make_predict_fn(setup, state.params),
         num_classes=len(setup.voc.eval_names),
         crop=cfg.eval.crop_size,
         stride=cfg.eval.stride,
@@ -122,7 +122,7 @@ def test_the_prediction_is_the_one_evaluation_scores(workdir, predictor):
     np.testing.assert_allclose(chunked.confidence, got.confidence, rtol=1e-5, atol=1e-6)
     # and the per-image reference path (SPEC 7.2) up to float rounding near ties
     logits = slide_image.slide_inference(
-        train.make_predict_fn(setup, state.params),
+        train_eval.make_predict_fn(setup, state.params),
         image,
         num_classes=len(setup.voc.eval_names),
         crop=cfg.eval.crop_size,
