@@ -281,6 +281,29 @@ def metric_names(settings: StepSettings) -> list[str]:
     return names
 
 
+def _device_gradients(params, local_batch, banks, rng, *, model, settings, groups_per_device):
+    """One device's part of the step (inside shard_map): its groups' losses and gradients,
+    summed over devices, and its banks with this step's writes (none when not finite)."""
+    fn = functools.partial(
+        _device_loss, model=model, settings=settings, groups_per_device=groups_per_device
+    )
+    # The groups only read their banks (never the [C, M, K, D] features); the writes are
+    # applied once, in place, after the scan instead of moving whole banks through it.
+    view = None if banks is None else banks._replace(feats=None)
+    if settings.accumulate_gradients:
+        (loss, (sums, group_losses, writes)), grads = fn(params, local_batch, view, rng, grads=True)
+    else:
+        (loss, (sums, group_losses, writes)), grads = jax.value_and_grad(fn, has_aux=True)(
+            params, local_batch, view, rng
+        )
+    loss, sums, grads = jax.lax.psum((loss, sums, grads), DATA)
+    grads_finite = _all_finite(grads)
+    finite = jnp.isfinite(loss) & grads_finite
+    if banks is not None:  # a non-finite step writes nothing (its features may be NaN)
+        banks = jax.lax.cond(finite, jax.vmap(ca_classifier.enqueue), lambda b, _: b, banks, writes)
+    return (loss, sums, grads, finite, grads_finite), group_losses, banks
+
+
 def train_step(
     state: TrainState,
     batch: Any,
@@ -305,33 +328,13 @@ def train_step(
       "group_loss" [G] (weighted loss per group), "finite" (False: loss or gradients had a NaN
       or inf and the state was left unchanged), "grads_finite" and "step" (this step's index).
     """
-    groups_per_device = groups.groups_per_device(settings.num_groups, mesh.devices.size)
+    per_device = functools.partial(
+        _device_gradients,
+        model=model,
+        settings=settings,
+        groups_per_device=groups.groups_per_device(settings.num_groups, mesh.devices.size),
+    )
     step_rng = jax.random.fold_in(state.rng, state.step)
-
-    def per_device(params, local_batch, banks, rng):
-        fn = functools.partial(
-            _device_loss, model=model, settings=settings, groups_per_device=groups_per_device
-        )
-        # The groups only read their banks (never the [C, M, K, D] features); the writes are
-        # applied once, in place, after the scan instead of moving whole banks through it.
-        view = None if banks is None else banks._replace(feats=None)
-        if settings.accumulate_gradients:
-            (loss, (sums, group_losses, writes)), grads = fn(
-                params, local_batch, view, rng, grads=True
-            )
-        else:
-            (loss, (sums, group_losses, writes)), grads = jax.value_and_grad(fn, has_aux=True)(
-                params, local_batch, view, rng
-            )
-        loss, sums, grads = jax.lax.psum((loss, sums, grads), DATA)
-        grads_finite = _all_finite(grads)
-        finite = jnp.isfinite(loss) & grads_finite
-        if banks is not None:  # a non-finite step writes nothing (its features may be NaN)
-            banks = jax.lax.cond(
-                finite, jax.vmap(ca_classifier.enqueue), lambda b, _: b, banks, writes
-            )
-        return (loss, sums, grads, finite, grads_finite), group_losses, banks
-
     # check_vma=False: gradients stay per-device until the explicit psum (no implicit reduction).
     (loss, sums, grads, finite, grads_finite), group_losses, bank = jax.shard_map(
         per_device,
