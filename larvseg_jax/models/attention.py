@@ -29,8 +29,9 @@ def _acc(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _scores(q_block: jax.Array, k: jax.Array) -> jax.Array:
-    return jnp.einsum("bhqd,bhkd->bhqk", q_block, k, preferred_element_type=_acc(q_block.dtype))
+def _scores(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a b^T over the head dim, [B, H, Na, Nb], in at least float32."""
+    return jnp.einsum("bhqd,bhkd->bhqk", a, b, preferred_element_type=_acc(a.dtype))
 
 
 def _flash_forward(q, k, v, block):
@@ -64,24 +65,27 @@ def _flash_bwd(block, res, do):
     # dS = P * (dP - D) with D = rowsum(dO * O) = rowsum(P * dP): one [B, H, N, 1] vector instead
     # of a second pass over P.
     delta = jnp.sum(do.astype(acc) * o.astype(acc), axis=-1, keepdims=True)  # [B, H, N, 1]
-    dq = []
+    dq_t = []
     dk = jnp.zeros(k.shape, acc)
     dv = jnp.zeros(v.shape, acc)
     for s, e in _blocks(q.shape[2], block):
         qs = q[:, :, s:e] * scale
-        p = jnp.exp(_scores(qs, k) - lse[:, :, s:e])  # [B, H, bq, N], recomputed
+        # Keys first: P^T, dP^T and dS^T are [B, H, N, bq], so that dV = P^T dO and dK = dS^T Q
+        # contract the minor axis of both factors. In the queries-first form those two products
+        # contract the queries, the major axis of P: XLA:CPU ran them at half the speed (and
+        # as float32 dots in bf16 compute); the backward's products take ~25 % less time.
+        p_t = jnp.exp(_scores(k, qs) - jnp.swapaxes(lse[:, :, s:e], 2, 3))  # recomputed
         do_s = do[:, :, s:e]
-        # The [bq, N] factors are cast to the inputs' dtype before each product (a no-op in
+        # The [N, bq] factors are cast to the inputs' dtype before each product (a no-op in
         # float32): bf16 x bf16 -> fp32 dots are the fast ones, mixed operands would promote.
         dv = dv + jnp.einsum(
-            "bhqk,bhqd->bhkd", p.astype(do.dtype), do_s, preferred_element_type=acc
+            "bhkq,bhqd->bhkd", p_t.astype(do.dtype), do_s, preferred_element_type=acc
         )
-        dp = jnp.einsum("bhqd,bhkd->bhqk", do_s, v, preferred_element_type=acc)
-        ds = p * (dp - delta[:, :, s:e])
-        ds_in = ds.astype(k.dtype)
-        dq.append(jnp.einsum("bhqk,bhkd->bhqd", ds_in, k, preferred_element_type=acc) * scale)
-        dk = dk + jnp.einsum("bhqk,bhqd->bhkd", ds_in, qs, preferred_element_type=acc)
-    dq = jnp.concatenate(dq, axis=2)
+        dp_t = jnp.einsum("bhkd,bhqd->bhkq", v, do_s, preferred_element_type=acc)
+        ds_t = (p_t * (dp_t - jnp.swapaxes(delta[:, :, s:e], 2, 3))).astype(k.dtype)
+        dq_t.append(jnp.einsum("bhkd,bhkq->bhdq", k, ds_t, preferred_element_type=acc))
+        dk = dk + jnp.einsum("bhkq,bhqd->bhkd", ds_t, qs, preferred_element_type=acc)
+    dq = jnp.swapaxes(jnp.concatenate(dq_t, axis=3), 2, 3) * scale
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
