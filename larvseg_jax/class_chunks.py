@@ -91,7 +91,8 @@ def merge(
     Args:
       accumulate: start -> the image's accumulator of classes start..start+chunk-1
         [Hb, Wb, chunk] and its window count [Hb, Wb] (how callers sum their windows differs:
-        one window at a time, or a batch's windows at once).
+        one window at a time, or a batch's windows at once). The window count is summed again
+        with each chunk: 1/chunk of the accumulation's work, not worth a second program.
       calls: per resize call, the tile taps (rows, cols) of `tiles.tile_grid`.
       num_classes, chunk: N and the classes per chunk (< N).
       confidence: also the resized softmax maximum.

@@ -302,18 +302,30 @@ def run_evaluation(
             panels.append(visualize.panel(raw, gt, pred, colours, class_names))
         log.advance()
     log.close()
-    summed = _sum_over_processes(np.append(totals.ravel(), log.done))
-    (intersect, pred_area, gt_area), num_images = summed[:-1].reshape(3, -1), int(summed[-1])
-    report = miou_report(
-        intersect,
-        pred_area + gt_area - intersect,
-        gt_area,
+    payload = _report(
+        totals,
+        log.done,
+        step=step,
+        mode=mode,
+        out_dir=out_dir,
         class_names=class_names,
         base_names=base_names,
         novel_names=novel_names,
         class_counts=class_counts,
+        frequency_source=frequency_source,
+        frequency_note=frequency_note,
         bucket_thresholds=bucket_thresholds,
     )
+    return {**payload, "panels": panels}
+
+
+def _report(totals, done, *, step, mode, out_dir, frequency_source, frequency_note, **metrics):
+    """Sums this process's histograms [3, N] and image count over processes; the JSON payload
+    (written by process 0 to out_dir/step_<step>.json and logged). `metrics`: `miou_report`'s
+    keyword arguments."""
+    summed = _sum_over_processes(np.append(totals.ravel(), done))
+    (intersect, pred_area, gt_area), num_images = summed[:-1].reshape(3, -1), int(summed[-1])
+    report = miou_report(intersect, pred_area + gt_area - intersect, gt_area, **metrics)
     payload = {"step": int(step), "num_images": num_images, "mode": mode, **report}
     if report["frequency"] is not None:
         payload["frequency"] = {"source": frequency_source, **report["frequency"]}
@@ -323,7 +335,7 @@ def run_evaluation(
         os.makedirs(out_dir, exist_ok=True)
         write_json_atomic(os.path.join(out_dir, f"step_{int(step)}.json"), payload)
     _log_report(payload)
-    return {**payload, "panels": panels}
+    return payload
 
 
 def _log_report(payload: Mapping) -> None:

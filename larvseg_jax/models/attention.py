@@ -73,7 +73,8 @@ def _flash_bwd(block, res, do):
         # Keys first: P^T, dP^T and dS^T are [B, H, N, bq], so that dV = P^T dO and dK = dS^T Q
         # contract the minor axis of both factors. In the queries-first form those two products
         # contract the queries, the major axis of P: XLA:CPU ran them at half the speed (and
-        # as float32 dots in bf16 compute); the backward's products take ~25 % less time.
+        # as float32 dots in bf16 compute). Forward + backward of a B/16 backbone: fp32 3 %,
+        # bf16 9 % faster.
         p_t = jnp.exp(_scores(k, qs) - jnp.swapaxes(lse[:, :, s:e], 2, 3))  # recomputed
         do_s = do[:, :, s:e]
         # The [N, bq] factors are cast to the inputs' dtype before each product (a no-op in
