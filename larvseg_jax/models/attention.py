@@ -14,6 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from larvseg_jax.models.matmul import accumulation_dtype
+
 IMPLEMENTATIONS = ("custom_vjp", "xla", "cudnn")
 BLOCK_SIZE = 256  # query rows per block; 256 was the fastest on CPU for N = 1025 (ENVIRONMENT 9)
 
@@ -23,15 +25,9 @@ def _blocks(n: int, block: int) -> list[tuple[int, int]]:
     return [(s, min(s + block, n)) for s in range(0, n, block)]
 
 
-def _acc(dtype) -> jnp.dtype:
-    # Scores, softmax statistics and accumulations in at least float32 (bf16 inputs), and in
-    # float64 for float64 inputs (x64 parity tests).
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 def _scores(a: jax.Array, b: jax.Array) -> jax.Array:
     """a b^T over the head dim, [B, H, Na, Nb], in at least float32."""
-    return jnp.einsum("bhqd,bhkd->bhqk", a, b, preferred_element_type=_acc(a.dtype))
+    return jnp.einsum("bhqd,bhkd->bhqk", a, b, preferred_element_type=accumulation_dtype(a.dtype))
 
 
 def _flash_forward(q, k, v, block):
@@ -61,7 +57,7 @@ def _flash_fwd(q, k, v, block):
 def _flash_bwd(block, res, do):
     q, k, v, o, lse = res
     scale = q.shape[-1] ** -0.5
-    acc = _acc(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     # dS = P * (dP - D) with D = rowsum(dO * O) = rowsum(P * dP): one [B, H, N, 1] vector instead
     # of a second pass over P.
     delta = jnp.sum(do.astype(acc) * o.astype(acc), axis=-1, keepdims=True)  # [B, H, N, 1]

@@ -17,6 +17,12 @@ import jax.numpy as jnp
 LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """Where products of `dtype` inputs are summed: at least float32 (bf16/fp16 compute), float64
+    for float64 inputs (the x64 parity tests)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def einsum(subscripts: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
     """jnp.einsum of two operands of one dtype; see the module docstring.
 

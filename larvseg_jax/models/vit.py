@@ -20,6 +20,9 @@ from larvseg_jax.models import attention as attention_lib
 from larvseg_jax.models import matmul
 
 LN_EPS = 1e-6
+# Projections add their bias to the accumulator (`matmul.accumulation_dtype`) and round once:
+# in bf16 compute the bias gradient is then a float32 sum (a bf16 sum was a slow reduce-window
+# on XLA:CPU, ~6 % of the bf16 backbone step).
 POS_RESIZE_RULES = ("shape", "token_count")
 
 VARIANTS: dict[str, dict[str, int]] = {
@@ -27,13 +30,6 @@ VARIANTS: dict[str, dict[str, int]] = {
     "tiny": {"width": 64, "depth": 2, "num_heads": 2, "mlp_dim": 256, "patch_size": 8},
     "micro": {"width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64, "patch_size": 8},
 }
-
-
-def _acc(dtype) -> jnp.dtype:
-    """Projections add their bias to the (at least float32) accumulator and round once: in bf16
-    compute the bias gradient is then a float32 sum (a bf16 sum was a slow reduce-window on
-    XLA:CPU, ~6 % of the bf16 backbone step)."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _xavier_flat(num_in_axes: int) -> Callable:
@@ -87,13 +83,17 @@ class SelfAttention(nn.Module):
         # (the [B, N, H, Dh] layout makes the attention products ~4x slower on CPU, ENVIRONMENT 9).
         kernel = jnp.stack([p[0] for p in qkv], axis=1).astype(self.dtype)  # [D, 3, H, Dh]
         bias = jnp.stack([p[1] for p in qkv], axis=0)  # [3, H, Dh]
-        qkv = matmul.einsum("bnd,dthk->tbhnk", x.astype(self.dtype), kernel, _acc(self.dtype))
+        qkv = matmul.einsum(
+            "bnd,dthk->tbhnk", x.astype(self.dtype), kernel, matmul.accumulation_dtype(self.dtype)
+        )
         qkv = (qkv + bias[:, None, :, None, :]).astype(self.dtype)
         o = attention_lib.attention(
             qkv[0], qkv[1], qkv[2], implementation=self.implementation
         )  # [B, H, N, Dh]
         out_kernel, out_bias = _Projection((self.num_heads, dh, d), (d,), 2, name="out")()
-        o = matmul.einsum("bhnk,hkd->bnd", o, out_kernel.astype(self.dtype), _acc(self.dtype))
+        o = matmul.einsum(
+            "bhnk,hkd->bnd", o, out_kernel.astype(self.dtype), matmul.accumulation_dtype(self.dtype)
+        )
         return (o + out_bias).astype(self.dtype)
 
 
@@ -111,7 +111,10 @@ class Dense(nn.Module):
         )
         bias = self.param("bias", nn.initializers.normal(1e-6), (self.features,))  # big_vision
         y = matmul.einsum(
-            "...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype), _acc(self.dtype)
+            "...i,io->...o",
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            matmul.accumulation_dtype(self.dtype),
         )
         return (y + bias).astype(self.dtype)
 
@@ -227,7 +230,12 @@ class PatchEmbedding(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.width))
         bias = self.param("bias", nn.initializers.zeros, (self.width,))
         patches = x.reshape(b, height // p, p, width // p, p, c).astype(self.dtype)
-        y = matmul.einsum("bhpwqc,pqcd->bhwd", patches, kernel.astype(self.dtype), _acc(self.dtype))
+        y = matmul.einsum(
+            "bhpwqc,pqcd->bhwd",
+            patches,
+            kernel.astype(self.dtype),
+            matmul.accumulation_dtype(self.dtype),
+        )
         return (y + bias).astype(self.dtype)
 
 
