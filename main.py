@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from larvseg_jax import logs
+from larvseg_jax import host_malloc, logs
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -80,11 +80,12 @@ def help_text() -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(logs.quiet_libraries)
+    host_malloc.keep_freed_memory(FLAGS.config.model.variant)  # before JAX starts its threads
     from larvseg_jax import distributed, interrupts, train  # after flags: jax reads XLA_FLAGS
     from larvseg_jax.errors import UserError
 
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(logs.quiet_libraries)
     interrupts.install()  # Ctrl-C and SIGTERM (preemption) stop at the next safe point
     try:
         distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)

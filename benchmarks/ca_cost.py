@@ -56,7 +56,13 @@ def build(args, with_ca, dtype="float32"):
     grid = (args.crop // vit.VARIANTS[args.variant]["patch_size"],) * 2
     dtype = jnp.dtype(dtype)  # compute dtype; params stay fp32
     model = segmenter.Segmenter(
-        backbone=vit.vit_from_variant(args.variant, pos_grid=grid, drop_path_rate=0.1, dtype=dtype),
+        backbone=vit.vit_from_variant(
+            args.variant,
+            pos_grid=grid,
+            drop_path_rate=0.1,
+            dtype=dtype,
+            attention=getattr(args, "attention", "auto"),
+        ),
         num_classes=args.classes,
         dtype=dtype,
     )

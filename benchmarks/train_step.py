@@ -7,7 +7,9 @@ step the steps alternate round by round (machine drift hits all alike); the rati
 over rounds of this project's time over PyTorch's in the same round. Also: images/s, achieved
 GFLOP/s (analytic ViT FLOPs: 3 x forward per image) against a matmul peak measured in this run,
 JAX compile time, XLA's temporary memory and PyTorch's peak step memory (a child process's
-max RSS growth over one step). Prints JSON lines and a Markdown table; appends to --out.
+max RSS growth over one step). Both steps run in one process with main.py's host malloc setting
+(larvseg_jax/host_malloc.py; --default-malloc leaves glibc's). Prints JSON lines and a Markdown
+table; appends to --out.
 
   pip install -r requirements-bench.txt
   python benchmarks/train_step.py --rounds 3                 # ViT-B/16 at 512
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 import torch_reference
 
-from larvseg_jax import sharding
+from larvseg_jax import host_malloc, sharding
 from larvseg_jax.models import vit
 
 
@@ -146,23 +148,31 @@ def main():
     p.add_argument(
         "--out", default=os.path.join(os.path.dirname(__file__), "results", "train_step_cpu.jsonl")
     )
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc malloc as it is (by default both steps run with main.py's setting, "
+        "larvseg_jax/host_malloc.py: freed memory kept, no per-step page faults)",
+    )
     args = p.parse_args()
+    kept = not args.default_malloc and host_malloc.keep_freed_memory(args.variant)
     args.groups, args.batch, args.warm_up = 2, 2, 0
     torch.set_num_threads(args.torch_threads)
     rng = np.random.default_rng(0)
 
     contenders = {}
-    # "jax" is the default step (each group's gradient in its own backward pass, summed);
-    # "jax_one_backward" differentiates the summed loss in one pass (train.accumulate_gradients
-    # False). With --dtype bfloat16 both sides compute in bf16 (JAX: model.dtype, PyTorch: CPU
-    # autocast) and the fp32 steps run alongside, so every ratio comes from the same rounds.
-    jax_runs = [("jax", True, args.dtype)]
+    # "jax" is the default step (model.attention "auto": the fused CPU kernel in float32);
+    # "jax_xla_attention" the same step with the pure-XLA attention ("custom_vjp"), which is what
+    # runs where the kernel cannot be built. With --dtype bfloat16 both sides compute in bf16
+    # (JAX: model.dtype, PyTorch: CPU autocast) and the fp32 steps run alongside, so every ratio
+    # comes from the same rounds.
+    jax_runs = [("jax", "auto", args.dtype)]
     if args.dtype == "float32":
-        jax_runs.append(("jax_one_backward", False, "float32"))
+        jax_runs.append(("jax_xla_attention", "custom_vjp", "float32"))
     else:
-        jax_runs.append(("jax_fp32", True, "float32"))
-    for name, accumulate, dtype in jax_runs:
-        args.accumulate = accumulate
+        jax_runs.append(("jax_fp32", "auto", "float32"))
+    for name, attention, dtype in jax_runs:
+        args.attention = attention
         fn, state, plan, mesh, _ = ca_cost.build(args, with_ca=True, dtype=dtype)
         host = ca_cost.batch_for(args, plan, rng)
         batch = sharding.host_batch_to_global(host, mesh)
@@ -216,6 +226,7 @@ def main():
         "images": images,
         "device": jax.devices()[0].device_kind,
         "threads": args.torch_threads,
+        "host_malloc": "keep_freed_memory" if kept else "default",
         "step_gflop_analytic": flops / 1e9,
         "matmul_peak": peaks,
     }

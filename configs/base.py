@@ -76,7 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "shape" resizes the position table whenever the grid differs (fixed by default);
     # "token_count" only when the token count differs (the official rule, SPEC D1).
     cfg.model.pos_resize_rule = "shape"
-    cfg.model.attention = "custom_vjp"  # "custom_vjp" (fast on CPU) | "xla" | "cudnn" (GPU)
+    # "auto" (the fused C++ kernel on CPU in float32, else "custom_vjp") | "cpu_kernel" |
+    # "custom_vjp" (pure XLA, portable) | "xla" | "cudnn" (GPU, bf16); models/attention.py
+    cfg.model.attention = "auto"
     cfg.model.pretrained = ""  # AugReg .npz to initialise the ViT from; "" = random init
     cfg.model.dtype = "float32"  # compute dtype; params stay float32
     # Recompute each transformer block's activations in the backward pass: the step keeps one

@@ -37,13 +37,16 @@ def inference_function(predictor: Predictor, index: np.ndarray, image_size: tupl
     new_h, new_w = transforms.rescale_size(h0, w0, (4 * short, short))
     weights, treedef = jax.tree.flatten(predictor.params)
     index = np.asarray(index, np.int32)
+    # The pure-XLA attention: an artifact must not call the kernel compiled on this machine
+    # (jax.export refuses such custom calls, and the machine that loads it may have none).
+    model = predictor.model.clone(backbone=predictor.model.backbone.clone(attention="custom_vjp"))
 
     def one_image(params, rgb):
         image = transforms.resize_bilinear(rgb, new_h, new_w, xp=jnp)
         image = (image - transforms.MEAN) / transforms.STD
 
         def predict_fn(images):
-            return predictor.model.apply({"params": params}, images, index, train=False)[0]
+            return model.apply({"params": params}, images, index, train=False)[0]
 
         return slide_image.slide_labels(
             predict_fn,

@@ -1,10 +1,14 @@
 """Multi-head softmax attention core for the ViT (SPEC 1.1), heads-first [B, H, N, Dh].
 
-Three interchangeable implementations of softmax(Q K^T / sqrt(Dh)) V:
+Interchangeable implementations of softmax(Q K^T / sqrt(Dh)) V:
+- "auto" (default): "cpu_kernel" where it applies (CPU backend, float32, head dim a multiple of
+  16, the kernel builds), else "custom_vjp".
+- "cpu_kernel": the fused C++ kernel of cpu_attention.cc (XLA FFI custom call), forward and
+  backward; the fastest on CPU by far.
 - "custom_vjp": blockwise ("flash"-style) forward that keeps only O and the row log-sum-exp, and
   a hand-written backward that recomputes each query block's probabilities and uses
   D = rowsum(dO * O). No [B, H, N, N] tensor is stored for the backward pass; on XLA:CPU this is
-  the fastest form measured (ENVIRONMENT 9).
+  the fastest pure-XLA form measured on CPU (ENVIRONMENT 9), and the portable one.
 - "xla": plain einsum + softmax, differentiated by JAX (the reference).
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, for GPUs.
 """
@@ -14,9 +18,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from larvseg_jax.models import cpu_attention
 from larvseg_jax.models.matmul import accumulation_dtype
 
-IMPLEMENTATIONS = ("custom_vjp", "xla", "cudnn")
+IMPLEMENTATIONS = ("auto", "cpu_kernel", "custom_vjp", "xla", "cudnn")
 BLOCK_SIZE = 256  # query rows per block; 256 was the fastest on CPU for N = 1025 (ENVIRONMENT 9)
 
 
@@ -110,12 +115,36 @@ def _cudnn_attention(q, k, v):
     return jnp.swapaxes(o, 1, 2)
 
 
+def _kernel_attention(q, k, v):
+    if not cpu_attention.supports(q):
+        raise ValueError(
+            f"attention implementation 'cpu_kernel' takes float32 with a head dim that is a "
+            f"multiple of {cpu_attention.HEAD_DIM_MULTIPLE}, got {q.dtype} [.., {q.shape[-1]}]; "
+            "use 'auto' or 'custom_vjp'"
+        )
+    if not cpu_attention.available():
+        raise ValueError(
+            "attention implementation 'cpu_kernel' could not be built (see the warning above); "
+            "use 'auto' or 'custom_vjp'"
+        )
+    return cpu_attention.attention(q, k, v)
+
+
+def resolve(implementation: str, q: jax.Array) -> str:
+    """The implementation "auto" stands for with these inputs on the default backend."""
+    if implementation != "auto":
+        return implementation
+    if jax.default_backend() == "cpu" and cpu_attention.supports(q) and cpu_attention.available():
+        return "cpu_kernel"
+    return "custom_vjp"
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     *,
-    implementation: str = "custom_vjp",
+    implementation: str = "auto",
     block_size: int = BLOCK_SIZE,
 ) -> jax.Array:
     """softmax(q k^T / sqrt(Dh)) v, heads first, no mask, no dropout (SPEC 1.1).
@@ -124,13 +153,17 @@ def attention(
       q: [B, H, Nq, Dh] queries.
       k: [B, H, Nk, Dh] keys.
       v: [B, H, Nk, Dh] values.
-      implementation: "custom_vjp" (blockwise, hand-written VJP), "xla" (autodiff through a plain
-        softmax) or "cudnn" (GPU only, bf16/fp16 inputs).
+      implementation: "auto", "cpu_kernel" (fused C++ kernel), "custom_vjp" (blockwise,
+        hand-written VJP), "xla" (autodiff through a plain softmax) or "cudnn" (GPU only,
+        bf16/fp16 inputs).
       block_size: query rows per block of the "custom_vjp" path.
 
     Returns:
       [B, H, Nq, Dh] in q's dtype.
     """
+    implementation = resolve(implementation, q)
+    if implementation == "cpu_kernel":
+        return _kernel_attention(q, k, v)
     if implementation == "custom_vjp":
         return _flash_attention(q, k, v, int(block_size))
     if implementation == "xla":

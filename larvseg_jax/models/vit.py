@@ -65,7 +65,7 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention with qkv bias; one fused QKV contraction, heads first."""
 
     num_heads: int
-    implementation: str = "custom_vjp"
+    implementation: str = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -155,7 +155,7 @@ class EncoderBlock(nn.Module):
     num_heads: int
     mlp_dim: int
     drop_path_rate: float = 0.0
-    attention: str = "custom_vjp"
+    attention: str = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -248,7 +248,7 @@ class Encoder(nn.Module):
     pos_grid: tuple[int, int]
     drop_path_rate: float = 0.0
     pos_resize_rule: str = "shape"
-    attention: str = "custom_vjp"
+    attention: str = "auto"
     dtype: Any = jnp.float32
     remat: bool = False  # recompute each block's activations in the backward pass
 
@@ -285,7 +285,7 @@ class ViT(nn.Module):
     pos_grid: tuple[int, int]  # grid of the stored position table (32x32 for B/16 at 512)
     drop_path_rate: float = 0.0
     pos_resize_rule: str = "shape"  # "shape" | "token_count" (official, SPEC D1)
-    attention: str = "custom_vjp"  # "custom_vjp" | "xla" | "cudnn"
+    attention: str = "auto"  # attention.IMPLEMENTATIONS
     dtype: Any = jnp.float32  # compute dtype; params stay float32
     remat: bool = False  # rematerialise each transformer block in the backward pass
 

@@ -1,0 +1,171 @@
+"""The fused CPU attention kernel (models/cpu_attention.cc via cpu_attention.py): its outputs and
+gradients against a float64 numpy softmax and JAX autodiff, batching, "auto" dispatch, and what
+happens where it cannot be built."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from larvseg_jax.models import attention as attention_lib
+from larvseg_jax.models import cpu_attention, vit
+
+needs_kernel = pytest.mark.skipif(
+    not cpu_attention.available(), reason="no C++ compiler: the kernel cannot be built here"
+)
+
+
+def numpy_attention(q, k, v):
+    s = np.einsum("...qd,...kd->...qk", q, k) / np.sqrt(q.shape[-1])
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("...qk,...kd->...qd", p / p.sum(-1, keepdims=True), v)
+
+
+def inputs(shape, seed=0, scale=1.0):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    return [jax.random.normal(key, shape) * (scale if i < 2 else 1.0) for i, key in enumerate(keys)]
+
+
+# Uneven query blocks (the kernel's are 64 rows), key counts that are not a multiple of the
+# vector width, head dims 16/32/64, and any number of leading dims.
+SHAPES = [(2, 3, 37, 16), (1, 2, 130, 32), (4, 70, 64), (2, 1, 1, 16)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_matches_float64_numpy(shape):
+    q, k, v, _ = inputs(shape)
+    got = jax.jit(cpu_attention.attention)(q, k, v)
+    want = numpy_attention(*(np.asarray(t, np.float64) for t in (q, k, v)))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-6)
+
+
+@needs_kernel
+def test_large_scores_stay_finite_and_exact():
+    # Scores up to ~±150: the max shift and the exp clamp must not overflow or lose the winner.
+    q, k, v, _ = inputs((1, 2, 50, 16), scale=6.0)
+    got = np.asarray(jax.jit(cpu_attention.attention)(q, k, v))
+    want = numpy_attention(*(np.asarray(t, np.float64) for t in (q, k, v)))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_gradients_match_autodiff(shape):
+    q, k, v, dout = inputs(shape)
+
+    def grads(fn):
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * dout), argnums=(0, 1, 2)))
+
+    with jax.enable_x64(True):  # the reference in float64, from the same float32 inputs
+        f64 = [t.astype(jnp.float64) for t in (q, k, v)]
+
+        def xla(q, k, v):  # [B, H, N, Dh] only: other leading dims folded into B
+            four = [t.reshape((-1, 1, *t.shape[-2:])) for t in (q, k, v)]
+            return attention_lib.attention(*four, implementation="xla").reshape(q.shape)
+
+        want = grads(xla)(*f64)
+        want = [np.asarray(w) for w in want]
+    got = grads(cpu_attention.attention)(q, k, v)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=2e-5)
+
+
+@needs_kernel
+def test_vmap_of_gradients_equals_per_example():
+    q, k, v, dout = inputs((3, 2, 40, 16))
+
+    def grad(q, k, v, dout):
+        return jax.grad(lambda *a: jnp.sum(cpu_attention.attention(*a) * dout), argnums=(0, 1, 2))(
+            q, k, v
+        )
+
+    batched = jax.jit(jax.vmap(grad))(q, k, v, dout)
+    for i in range(3):
+        single = jax.jit(grad)(q[i], k[i], v[i], dout[i])
+        for b, s in zip(batched, single):
+            np.testing.assert_allclose(np.asarray(b[i]), np.asarray(s), rtol=1e-6, atol=1e-7)
+
+
+@needs_kernel
+def test_auto_picks_the_kernel_only_where_it_applies():
+    f32 = jnp.zeros((1, 2, 5, 16))
+    assert attention_lib.resolve("auto", f32) == "cpu_kernel"
+    assert attention_lib.resolve("auto", f32.astype(jnp.bfloat16)) == "custom_vjp"
+    assert attention_lib.resolve("auto", jnp.zeros((1, 2, 5, 8))) == "custom_vjp"  # head dim 8
+    assert attention_lib.resolve("xla", f32) == "xla"
+    with pytest.raises(ValueError, match="float32 with a head dim that is a multiple of 16"):
+        attention_lib.attention(
+            f32[..., :8], f32[..., :8], f32[..., :8], implementation="cpu_kernel"
+        )
+
+
+@needs_kernel
+def test_tiny_vit_gradients_equal_the_xla_attention():
+    model = {
+        name: vit.vit_from_variant("tiny", attention=name, pos_grid=(4, 4))
+        for name in ("cpu_kernel", "custom_vjp")
+    }
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    params = model["custom_vjp"].init(jax.random.PRNGKey(0), images, train=False)
+
+    def grads(m):
+        return jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(m.apply(p, images, train=False)))))(
+            params
+        )
+
+    for g, w in zip(
+        jax.tree.leaves(grads(model["cpu_kernel"])), jax.tree.leaves(grads(model["custom_vjp"]))
+    ):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+def test_build_is_cached_per_source_and_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("LARVSEG_KERNEL_CACHE", str(tmp_path))
+    path = cpu_attention.build()
+    assert os.path.dirname(path) == str(tmp_path) and os.path.exists(path)
+
+    def must_not_compile(*args):
+        raise AssertionError("compiled again although the library is cached")
+
+    monkeypatch.setattr(cpu_attention, "_compile", must_not_compile)
+    assert cpu_attention.build() == path
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".build_")]  # no leftovers
+
+
+def test_missing_or_failing_compiler_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("LARVSEG_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-compiler-xyz'"):
+        cpu_attention.build()
+    monkeypatch.setenv("CXX", "false")  # exists, fails every compilation
+    with pytest.raises(RuntimeError, match="false .* failed"):
+        cpu_attention.build()
+    assert not os.listdir(tmp_path)  # no half-built library left behind
+
+
+def test_without_the_kernel_auto_falls_back_and_explicit_use_says_why(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    monkeypatch.setenv("LARVSEG_KERNEL_CACHE", "/nonexistent/never-written")
+    warnings = []
+    monkeypatch.setattr(cpu_attention.logging, "warning", lambda *a: warnings.append(a[0] % a[1:]))
+    cpu_attention.available.cache_clear()
+    try:
+        q, k, v, _ = inputs((1, 2, 9, 16))
+        assert attention_lib.resolve("auto", q) == "custom_vjp"
+        assert len(warnings) == 1 and "using the XLA implementation" in warnings[0]
+        assert "no C++ compiler" in warnings[0]
+        np.testing.assert_allclose(
+            np.asarray(attention_lib.attention(q, k, v)),
+            numpy_attention(*(np.asarray(t, np.float64) for t in (q, k, v))),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+        with pytest.raises(ValueError, match="could not be built .* use 'auto' or 'custom_vjp'"):
+            attention_lib.attention(q, k, v, implementation="cpu_kernel")
+    finally:
+        cpu_attention.available.cache_clear()

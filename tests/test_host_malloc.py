@@ -1,0 +1,67 @@
+"""host_malloc: with it, XLA:CPU's per-execution temporary buffers stop page-faulting every call.
+
+Each case runs in a fresh interpreter: the setting is process-wide and must precede JAX's threads.
+"""
+
+import json
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from larvseg_jax import host_malloc
+
+# A jitted function whose XLA temporary buffers (~128 MiB) are far above glibc's mmap threshold.
+PROGRAM = """
+import json, resource, sys
+from larvseg_jax import host_malloc
+kept = host_malloc.keep_freed_memory("B/16") if sys.argv[1] == "keep" else False
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: jnp.sum(jnp.tanh(x @ x.T)) + jnp.sum(jnp.exp(-(x @ x.T))))
+x = jnp.ones((4096, 256)) / 100
+temp = f.lower(x).compile().memory_analysis().temp_size_in_bytes
+for _ in range(2):
+    f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    f(x).block_until_ready()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps({"kept": kept, "faults": faults, "temp": temp}))
+"""
+
+
+def run(mode: str, **env) -> dict:
+    environ = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", **env}
+    done = subprocess.run(
+        [sys.executable, "-c", PROGRAM, mode],
+        capture_output=True,
+        text=True,
+        env=environ,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
+def test_kept_memory_is_not_faulted_again_each_call():
+    default, kept = run("default"), run("keep")
+    pages = default["temp"] // 4096
+    assert kept["kept"] and not default["kept"]
+    # Without it every call faults its temporaries in again (3 calls x ~all pages) ...
+    assert default["faults"] > pages, default
+    # ... with it the freed blocks are reused: almost no faults at all.
+    assert kept["faults"] < pages // 20, kept
+
+
+def test_small_models_opt_out_and_accelerators_leave_malloc_alone(monkeypatch):
+    # (each returns before mallopt: this process's malloc stays as it is)
+    assert not host_malloc.keep_freed_memory("tiny") and not host_malloc.keep_freed_memory("micro")
+    monkeypatch.setenv("LARVSEG_MALLOC", "default")
+    assert not host_malloc.keep_freed_memory("B/16")
+    monkeypatch.delenv("LARVSEG_MALLOC")
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert not host_malloc.cpu_only() and not host_malloc.keep_freed_memory("B/16")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert host_malloc.cpu_only()
