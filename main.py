@@ -82,7 +82,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(logs.quiet_libraries)
-    host_malloc.keep_freed_memory(FLAGS.config.model.variant)  # before JAX starts its threads
+    host_malloc.keep_freed_memory(FLAGS.config.model.variant)  # LARVSEG_MALLOC=keep; before JAX
     from larvseg_jax import distributed, interrupts, train  # after flags: jax reads XLA_FLAGS
     from larvseg_jax.errors import UserError
 

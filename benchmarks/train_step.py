@@ -8,7 +8,7 @@ over rounds of this project's time over PyTorch's in the same round. Also: image
 GFLOP/s (analytic ViT FLOPs: 3 x forward per image) against a matmul peak measured in this run,
 JAX compile time, XLA's temporary memory and PyTorch's peak step memory (a child process's
 max RSS growth over one step). Both steps run in one process with main.py's host malloc setting
-(larvseg_jax/host_malloc.py; --default-malloc leaves glibc's). Prints JSON lines and a Markdown
+(LARVSEG_MALLOC=keep, larvseg_jax/host_malloc.py; --default-malloc leaves glibc's). Prints JSON lines and a Markdown
 table; appends to --out.
 
   pip install -r requirements-bench.txt
@@ -151,11 +151,13 @@ def main():
     p.add_argument(
         "--default-malloc",
         action="store_true",
-        help="leave glibc malloc as it is (by default both steps run with main.py's setting, "
-        "larvseg_jax/host_malloc.py: freed memory kept, no per-step page faults)",
+        help="leave glibc malloc as it is (by default both steps run with main.py's opt-in "
+        "LARVSEG_MALLOC=keep, larvseg_jax/host_malloc.py: freed memory kept, fewer page faults)",
     )
     args = p.parse_args()
-    kept = not args.default_malloc and host_malloc.keep_freed_memory(args.variant)
+    if not args.default_malloc:
+        os.environ["LARVSEG_MALLOC"] = "keep"
+    kept = host_malloc.keep_freed_memory(args.variant)
     args.groups, args.batch, args.warm_up = 2, 2, 0
     torch.set_num_threads(args.torch_threads)
     rng = np.random.default_rng(0)

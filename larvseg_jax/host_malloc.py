@@ -7,9 +7,13 @@ faults and 3-5 s of system time per 14 s B/16 step on this project's CPU, up to 
 another program (PyTorch, a data loader) freed memory. One arena, no mmap and no trimming keep
 freed blocks in the heap for the next step: no faults, and the process keeps its peak RSS (the
 usual trade of a caching allocator). B/16 step with PyTorch steps in between: 17-27 -> 13.4-14.1 s.
+Opt-in (`LARVSEG_MALLOC=keep`), because the reuse is partial: in a small test some calls still
+fault a whole fresh block (a small allocation left in a large freed block forces the heap to grow),
+so the heap can grow over a long run; that has not been measured beyond a few B/16 steps (where
+every step after the first reused its blocks).
 One arena also means one malloc lock for all threads: for the small variants (tiny, micro: step
 temporaries of a few MiB) that lock costs far more than the faults (synthetic tiny run 286 -> 71
-img/s), so only real-size models get it. Linux/glibc only; `LARVSEG_MALLOC=default` turns it off.
+img/s), so only real-size models get it. Linux/glibc only.
 Accelerator runs are left alone: their step buffers live on the device.
 """
 
@@ -39,12 +43,12 @@ def cpu_only() -> bool:
 
 
 def keep_freed_memory(variant: str) -> bool:
-    """Sets glibc's malloc to one arena, no mmap, no trim for a CPU run of a real-size ViT
-    `variant`; True where it did.
+    """With LARVSEG_MALLOC=keep, sets glibc's malloc to one arena, no mmap, no trim for a CPU run
+    of a real-size ViT `variant`; True where it did.
 
     Call it before JAX starts its backend: threads that malloc'ed before keep their own arenas.
     """
-    if variant in SMALL_VARIANTS or os.environ.get("LARVSEG_MALLOC", "") == "default":
+    if variant in SMALL_VARIANTS or os.environ.get("LARVSEG_MALLOC", "") != "keep":
         return False
     if not cpu_only():
         return False
@@ -59,6 +63,6 @@ def keep_freed_memory(variant: str) -> bool:
     if done:
         logging.info(
             "Host malloc keeps freed memory (one arena, no mmap, no trim) so XLA:CPU's step "
-            "buffers are not page-faulted again every step; LARVSEG_MALLOC=default turns it off"
+            "buffers are not page-faulted again every step (LARVSEG_MALLOC=keep)"
         )
     return done

@@ -12,7 +12,7 @@ import pytest
 
 from larvseg_jax import host_malloc
 
-# A jitted function whose XLA temporary buffers (~128 MiB) are far above glibc's mmap threshold.
+# A jitted function whose XLA temporary buffers (64 MiB) are far above glibc's mmap threshold.
 PROGRAM = """
 import json, resource, sys
 from larvseg_jax import host_malloc
@@ -21,12 +21,11 @@ import jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.sum(jnp.tanh(x @ x.T)) + jnp.sum(jnp.exp(-(x @ x.T))))
 x = jnp.ones((4096, 256)) / 100
 temp = f.lower(x).compile().memory_analysis().temp_size_in_bytes
-for _ in range(2):
+faults = []
+for _ in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
-    f(x).block_until_ready()
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(json.dumps({"kept": kept, "faults": faults, "temp": temp}))
 """
 
@@ -46,21 +45,23 @@ def run(mode: str, **env) -> dict:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
 def test_kept_memory_is_not_faulted_again_each_call():
-    default, kept = run("default"), run("keep")
+    default, kept = run("default"), run("keep", LARVSEG_MALLOC="keep")
     pages = default["temp"] // 4096
     assert kept["kept"] and not default["kept"]
-    # Without it every call faults its temporaries in again (3 calls x ~all pages) ...
-    assert default["faults"] > pages, default
-    # ... with it the freed blocks are reused: almost no faults at all.
-    assert kept["faults"] < pages // 20, kept
+    # Page faults of calls 2-8 (the first one also allocates for good): without it every call
+    # faults its temporaries in again ...
+    assert min(default["faults"][1:]) > pages // 2, default
+    # ... with it calls reuse freed blocks; not every call (host_malloc's docstring: some still
+    # fault a fresh block), so: at least two calls with almost no faults.
+    assert sum(f < pages // 20 for f in kept["faults"][1:]) >= 2, kept
 
 
-def test_small_models_opt_out_and_accelerators_leave_malloc_alone(monkeypatch):
+def test_opt_in_only_and_never_for_small_models_or_accelerators(monkeypatch):
     # (each returns before mallopt: this process's malloc stays as it is)
-    assert not host_malloc.keep_freed_memory("tiny") and not host_malloc.keep_freed_memory("micro")
-    monkeypatch.setenv("LARVSEG_MALLOC", "default")
+    monkeypatch.delenv("LARVSEG_MALLOC", raising=False)
     assert not host_malloc.keep_freed_memory("B/16")
-    monkeypatch.delenv("LARVSEG_MALLOC")
+    monkeypatch.setenv("LARVSEG_MALLOC", "keep")
+    assert not host_malloc.keep_freed_memory("tiny") and not host_malloc.keep_freed_memory("micro")
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
     assert not host_malloc.cpu_only() and not host_malloc.keep_freed_memory("B/16")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
