@@ -7,9 +7,9 @@ step the steps alternate round by round (machine drift hits all alike); the rati
 over rounds of this project's time over PyTorch's in the same round. Also: images/s, achieved
 GFLOP/s (analytic ViT FLOPs: 3 x forward per image) against a matmul peak measured in this run,
 JAX compile time, XLA's temporary memory and PyTorch's peak step memory (a child process's
-max RSS growth over one step). Both steps run in one process with main.py's host malloc setting
-(LARVSEG_MALLOC=keep, larvseg_jax/host_malloc.py; --default-malloc leaves glibc's). Prints JSON lines and a Markdown
-table; appends to --out.
+max RSS growth over one step). Both steps run in one process with main.py's opt-in host malloc
+setting (LARVSEG_MALLOC=keep, larvseg_jax/host_malloc.py; --default-malloc leaves glibc's).
+Prints JSON lines and a Markdown table; appends to --out.
 
   pip install -r requirements-bench.txt
   python benchmarks/train_step.py --rounds 3                 # ViT-B/16 at 512

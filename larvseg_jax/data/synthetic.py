@@ -50,7 +50,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from larvseg_jax import interrupts
+from larvseg_jax import interrupts, user_cache
 from larvseg_jax.data import catalog, sources
 from larvseg_jax.errors import ConfigError
 
@@ -279,10 +279,7 @@ def fingerprint(knobs: Any) -> dict:
 
 def default_root() -> str:
     """Where generated worlds are cached: $LARVSEG_CACHE, else $XDG_CACHE_HOME/larvseg_jax."""
-    if os.environ.get("LARVSEG_CACHE"):
-        return os.environ["LARVSEG_CACHE"]
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(xdg, "larvseg_jax")
+    return os.environ.get("LARVSEG_CACHE") or user_cache.root()
 
 
 def world_dir(root: str, knobs: Any) -> str:

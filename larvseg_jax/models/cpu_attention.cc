@@ -231,7 +231,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
     const float *qh = qp + h * n * dh, *kh = kp + h * n * dh, *vh = vp + h * n * dh;
     float *oh = op + h * n * dh, *lh = lp + h * n;
     std::vector<float> kt(dh * ld), sc(kQueryBlock * ld), qs(kQueryBlock * dh);
-    float shift[kQueryBlock];
+    float shift[kQueryBlock], inv_total[kQueryBlock];  // row max; 1 / row sum of exp(s - max)
     transpose_padded(kh, n, dh, kt.data(), ld);
     for (int64_t i0 = 0; i0 < n; i0 += kQueryBlock) {
       const int64_t rows = std::min<int64_t>(kQueryBlock, n - i0);
@@ -253,13 +253,13 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
         for (int64_t j = 0; j < ld; j += kLanes) acc += load(row + j);
         const float total = hsum(acc);
         lh[i0 + r] = shift[r] + std::log(total);
-        shift[r] = 1.f / total;
+        inv_total[r] = 1.f / total;
       }
       float* ob = oh + i0 * dh;
       matmul(rows, dh, n, sc.data(), ld, 1, vh, dh, ob, dh, false);
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t d = 0; d < dh; d += kLanes)
-          store(ob + r * dh + d, load(ob + r * dh + d) * splat(shift[r]));
+          store(ob + r * dh + d, load(ob + r * dh + d) * splat(inv_total[r]));
     }
   });
   return ffi::Error::Success();

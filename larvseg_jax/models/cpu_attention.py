@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from larvseg_jax import user_cache
+
 _SOURCE = "cpu_attention.cc"
 _FORWARD = "larvseg_attention_forward"
 _BACKWARD = "larvseg_attention_backward"
@@ -37,10 +39,9 @@ def supports(q: jax.Array) -> bool:
 
 
 def cache_dir() -> str:
-    default = os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "larvseg_jax", "kernels"
-    )
-    return os.environ.get("LARVSEG_KERNEL_CACHE") or default
+    """$LARVSEG_KERNEL_CACHE, else the user cache's kernels/. Not under $LARVSEG_CACHE: the library
+    is per machine, not per world, and tests point $LARVSEG_CACHE at temporary folders."""
+    return os.environ.get("LARVSEG_KERNEL_CACHE") or os.path.join(user_cache.root(), "kernels")
 
 
 def _cpu_identity() -> str:
