@@ -1,10 +1,10 @@
 """Multi-head softmax attention core for the ViT (SPEC 1.1), heads-first [B, H, N, Dh].
 
 Interchangeable implementations of softmax(Q K^T / sqrt(Dh)) V:
-- "auto" (default): "cpu_kernel" where it applies (CPU backend, float32, head dim a multiple of
-  16, the kernel builds), else "custom_vjp".
+- "auto" (default): "cpu_kernel" where it applies (CPU backend, head dim a multiple of 16, the
+  kernel builds), else "custom_vjp".
 - "cpu_kernel": the fused C++ kernel of cpu_attention.cc (XLA FFI custom call), forward and
-  backward; the fastest on CPU by far.
+  backward, in float32 (bf16/fp16 inputs widened); the fastest on CPU by far, in either dtype.
 - "custom_vjp": blockwise ("flash"-style) forward that keeps only O and the row log-sum-exp, and
   a hand-written backward that recomputes each query block's probabilities and uses
   D = rowsum(dO * O). No [B, H, N, N] tensor is stored for the backward pass; on XLA:CPU this is
@@ -118,8 +118,9 @@ def _cudnn_attention(q, k, v):
 def _kernel_attention(q, k, v):
     if not cpu_attention.supports(q):
         raise ValueError(
-            f"attention implementation 'cpu_kernel' takes float32 with a head dim that is a "
-            f"multiple of {cpu_attention.HEAD_DIM_MULTIPLE}, got {q.dtype} [.., {q.shape[-1]}]; "
+            f"attention implementation 'cpu_kernel' takes float32/bfloat16/float16 with a head "
+            f"dim that is a multiple of {cpu_attention.HEAD_DIM_MULTIPLE}, got {q.dtype} "
+            f"[.., {q.shape[-1]}]; "
             "use 'auto' or 'custom_vjp'"
         )
     if not cpu_attention.available():

@@ -144,3 +144,22 @@ def test_param_names_follow_augreg_and_variants_build():
     }
     with pytest.raises(ValueError, match="unknown ViT variant"):
         vit.vit_from_variant("L/14")
+
+
+def test_gelu_is_pytorchs_erf_formula():
+    """0.5 x (1 + erf(x / sqrt 2)) in float64 (math.erf), and what flax's exact form gives."""
+    import math
+
+    x = np.concatenate([np.linspace(-12, 12, 2001), [-1e-3, 0.0, 1e-3]]).astype(np.float32)
+    want = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    got = np.asarray(vit.gelu(jnp.asarray(x)), np.float64)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+    flax_exact = np.asarray(jax.nn.gelu(jnp.asarray(x), approximate=False), np.float64)
+    np.testing.assert_allclose(got, flax_exact, rtol=2e-6, atol=2e-6)
+    assert not np.allclose(got, jax.nn.gelu(jnp.asarray(x), approximate=True), atol=1e-4)
+    grad = jax.grad(lambda t: vit.gelu(t).sum())(jnp.asarray(x))
+    want_grad = [
+        0.5 * (1 + math.erf(v / math.sqrt(2))) + v * math.exp(-v * v / 2) / math.sqrt(2 * math.pi)
+        for v in x.astype(np.float64)
+    ]
+    np.testing.assert_allclose(np.asarray(grad, np.float64), want_grad, rtol=1e-5, atol=2e-6)
