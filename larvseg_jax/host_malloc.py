@@ -7,13 +7,15 @@ faults and 3-5 s of system time per 14 s B/16 step on this project's CPU, up to 
 another program (PyTorch, a data loader) freed memory. One arena, no mmap and no trimming keep
 freed blocks in the heap for the next step: no faults, and the process keeps its peak RSS (the
 usual trade of a caching allocator). B/16 step with PyTorch steps in between: 17-27 -> 13.4-14.1 s.
-Opt-in (`LARVSEG_MALLOC=keep`), because the reuse is partial: in a small test some calls still
-fault a whole fresh block (a small allocation left in a large freed block forces the heap to grow),
-so the heap can grow over a long run; that has not been measured beyond a few B/16 steps (where
-every step after the first reused its blocks).
-One arena also means one malloc lock for all threads: for the small variants (tiny, micro: step
-temporaries of a few MiB) that lock costs far more than the faults (synthetic tiny run 286 -> 71
-img/s), so only real-size models get it. Linux/glibc only.
+The reuse is partial in a small test (some calls fault a whole fresh block: a small allocation
+left in a large freed block makes the heap grow), but not in the B/16 step: over 20 steps
+(`benchmarks/malloc_growth.py`) RSS stayed flat at 5.84 GiB (glibc's default: 4.29 GiB, the
+price of keeping the peak), 0 faults, 11.6 against 12.5 s per step.
+Still opt-in (`LARVSEG_MALLOC=keep`): one arena means one malloc lock for every thread of the
+process, the input pipeline's included. For the small variants (tiny, micro: step temporaries of
+a few MiB) that lock costs far more than the faults (synthetic tiny run 286 -> 71 img/s), so they
+never get it; a full B/16 run with its data pipeline has not been measured with it. Linux/glibc
+only.
 Accelerator runs are left alone: their step buffers live on the device.
 """
 
