@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 import torch_reference
 
+from larvseg_jax import host_malloc
 from larvseg_jax.models import attention, vit
 
 B, CROP, D, HEADS, MLP = 2, 512, 768, 12, 3072
@@ -106,9 +107,13 @@ def parts(reps: int) -> dict:
     xt = torch.tensor(np.asarray(x), requires_grad=True)
     modules = {
         "layernorm": (nn.LayerNorm(epsilon=1e-6), torch.nn.LayerNorm(D, eps=1e-6)),
-        "mlp": (
-            nn.Sequential([nn.Dense(MLP), lambda y: nn.gelu(y, approximate=False), nn.Dense(D)]),
+        "mlp": (  # the model's own block: its Dense and its erf GELU
+            vit.MlpBlock(MLP),
             torch.nn.Sequential(torch.nn.Linear(D, MLP), torch.nn.GELU(), torch.nn.Linear(MLP, D)),
+        ),
+        "mlp_flax_erfc_gelu": (  # flax's exact GELU (erfc form), what the model used before
+            nn.Sequential([nn.Dense(MLP), lambda y: nn.gelu(y, approximate=False), nn.Dense(D)]),
+            None,
         ),
         "qkv": (nn.Dense(3 * D), torch.nn.Linear(D, 3 * D)),
     }
@@ -119,6 +124,8 @@ def parts(reps: int) -> dict:
             jax.grad(lambda p, x, m=jax_module, s=sink: jnp.sum(m.apply(p, x) * s), argnums=(0, 1))
         )
         out[f"{name}_jax"] = median_time(lambda g=g, p=p: jax.block_until_ready(g(p, x)), reps)
+        if torch_module is None:
+            continue
         sink_t = torch.tensor(np.asarray(sink))
         out[f"{name}_torch"] = median_time(
             lambda m=torch_module, s=sink_t: (m(xt) * s).sum().backward(), reps
@@ -191,7 +198,15 @@ def main():
         "--out",
         default=os.path.join(os.path.dirname(__file__), "results", "backbone_parts_cpu.jsonl"),
     )
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc malloc as it is (default: LARVSEG_MALLOC=keep, as train_step.py)",
+    )
     args = p.parse_args()
+    if not args.default_malloc:
+        os.environ["LARVSEG_MALLOC"] = "keep"
+    kept = host_malloc.keep_freed_memory("B/16")
     torch.set_num_threads(args.torch_threads)
     grad, grad_args = jax_backbone(args.depth)
     torch_step = torch_backbone(args.depth)
@@ -211,6 +226,7 @@ def main():
         "device": jax.devices()[0].device_kind,
         "threads": args.torch_threads,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "host_malloc": "keep_freed_memory" if kept else "default",
         "depth": args.depth,
         "batch": B,
         "crop": CROP,

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from larvseg_jax import ca_classifier, interp
+from larvseg_jax import ca_bank, ca_classifier, interp
 
 
 def heat(att: np.ndarray) -> np.ndarray:
@@ -25,7 +25,7 @@ def heat(att: np.ndarray) -> np.ndarray:
 def attention_fn(
     model: Any,
     params: Any,
-    bank: ca_classifier.Bank,
+    bank: ca_bank.Bank,
     cls_index: np.ndarray,
     ca: ca_classifier.CASettings,
     *,
@@ -65,7 +65,7 @@ def attention_fn(
 def attention_panels(
     model: Any,
     params: Any,
-    bank: ca_classifier.Bank,
+    bank: ca_bank.Bank,
     dataset: Iterable[dict],
     cls_index: np.ndarray,
     class_names: list[str],

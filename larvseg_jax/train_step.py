@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from larvseg_jax import ca_classifier, groups, losses, sharding, vocab
+from larvseg_jax import ca_bank, ca_classifier, groups, losses, sharding, vocab
 from larvseg_jax.sharding import DATA
 
 
@@ -62,7 +62,7 @@ class TrainState:
     params: Any
     opt_state: optax.OptState
     rng: jax.Array  # [2] uint32; per-step keys are fold_in(rng, step)
-    bank: ca_classifier.Bank | None = None  # [G, ...] one memory bank per virtual device
+    bank: ca_bank.Bank | None = None  # [G, ...] one memory bank per virtual device
 
 
 def create_train_state(
@@ -81,7 +81,7 @@ def create_train_state(
         num_classes, dim = params["head"]["cls_emb"].shape
         keys = jax.random.split(bank_rng, settings.num_groups)
         bank = jax.vmap(
-            lambda k: ca_classifier.init_bank(
+            lambda k: ca_bank.init_bank(
                 k,
                 num_classes,
                 settings.ca.memory_size,
@@ -117,7 +117,7 @@ def group_loss(
     model: Any,
     spec: SourceSpec,
     settings: StepSettings,
-    bank: ca_classifier.Bank | None = None,
+    bank: ca_bank.Bank | None = None,
 ) -> tuple[jax.Array, dict]:
     """Weighted loss of one virtual device holding `spec`'s source (SPEC 2.2-2.4, 2.7).
 
@@ -129,7 +129,7 @@ def group_loss(
     Returns:
       the weighted loss and aux: "basic" and "aux" (unweighted losses), "unvisited" (image
       labels past max_labels, which get no CA pair) and "writes" (what the group enqueues; the
-      caller applies them with `ca_classifier.enqueue`).
+      caller applies them with `ca_bank.enqueue`).
     """
     cls_index = jnp.asarray(spec.cls_index, jnp.int32)
     drop_rng, sample_rng = jax.random.split(rng)
@@ -182,9 +182,7 @@ def group_loss(
             n_labels = jnp.sum(info["present"], axis=-1)
             unvisited = jnp.sum(jnp.maximum(n_labels - settings.max_labels, 0))
     if bank is not None and writes is None:  # same output structure on every switch branch
-        writes = ca_classifier.no_writes(
-            bank, images.shape[0] * settings.max_labels, settings.ca.topk
-        )
+        writes = ca_bank.no_writes(bank, images.shape[0] * settings.max_labels, settings.ca.topk)
     loss = spec.basic_weight * basic + spec.ca_weight * aux_loss
     aux = {"basic": basic, "aux": aux_loss, "unvisited": unvisited, "writes": writes}
     return loss, aux
@@ -300,7 +298,7 @@ def _device_gradients(params, local_batch, banks, rng, *, model, settings, group
     grads_finite = _all_finite(grads)
     finite = jnp.isfinite(loss) & grads_finite
     if banks is not None:  # a non-finite step writes nothing (its features may be NaN)
-        banks = jax.lax.cond(finite, jax.vmap(ca_classifier.enqueue), lambda b, _: b, banks, writes)
+        banks = jax.lax.cond(finite, jax.vmap(ca_bank.enqueue), lambda b, _: b, banks, writes)
     return (loss, sums, grads, finite, grads_finite), group_losses, banks
 
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from larvseg_jax import ca_bank, losses
 from larvseg_jax import ca_classifier as ca
-from larvseg_jax import losses
 from tests import reference
 
 C, M, K, D, N, SIDE = 7, 2, 3, 8, 5, 4
@@ -51,7 +51,7 @@ def jax_step(cfg, max_labels=MAX_LABELS):
         writes, pairs = ca.attend(
             bank, embed, score, present, jnp.asarray(CLS_INDEX), cfg, max_labels=max_labels
         )
-        bank = ca.enqueue(bank, writes)
+        bank = ca_bank.enqueue(bank, writes)
         loss, ce = ca.attentive_ce(
             logits,
             pairs["a"],
@@ -137,7 +137,7 @@ def several_steps_match_reference(cfg, ref_cfg):
     rng = np.random.default_rng(0)
     seen = set()
     with jax.enable_x64(True):
-        bank = ca.init_bank(jax.random.PRNGKey(0), C, cfg.memory_size, K, D, jnp.float64)
+        bank = ca_bank.init_bank(jax.random.PRNGKey(0), C, cfg.memory_size, K, D, jnp.float64)
         step_fn = jax_step(cfg)
         for step in range(8):
             kinds = ["multi", "single", "single"] if step % 2 else ["single", "multi", "multi"]
@@ -161,7 +161,7 @@ def wrapping_twice_matches_reference(cfg, ref_cfg):
         if not (labels[i] == 1).any():
             labels[i, -1, -1] = 1
     with jax.enable_x64(True):
-        bank = ca.init_bank(jax.random.PRNGKey(5), C, 4, K, D, jnp.float64)
+        bank = ca_bank.init_bank(jax.random.PRNGKey(5), C, 4, K, D, jnp.float64)
         step_fn = jax_step(cfg)
         for _ in range(2):  # the second step starts from a bank wrapped mid-batch
             batch = (embed, score, labels, logits)
@@ -198,7 +198,7 @@ def constant_background_map_matches_reference(cfg, ref_cfg):
     embed = reference.l2n(embed)
     score[0, :6, CONSTANT_CLASS] = 0.9  # top-5 mean above bg_thresh: a background candidate
     with jax.enable_x64(True):
-        bank = ca.init_bank(jax.random.PRNGKey(9), C, M, K, D, jnp.float64)
+        bank = ca_bank.init_bank(jax.random.PRNGKey(9), C, M, K, D, jnp.float64)
         row = CLS_INDEX[CONSTANT_CLASS]
         feats = bank.feats.at[row].set(jnp.eye(D)[-1])  # ... the only axis in the class's bank
         slot_means = feats.mean(axis=2)
@@ -220,7 +220,7 @@ def test_labels_past_max_labels_are_still_background():
     embed, score, labels, logits = random_step(rng, ["multi"])
     labels[0] = np.arange(labels[0].size).reshape(labels[0].shape) % 4  # 4 classes, 2 visited
     with jax.enable_x64(True):
-        bank = ca.init_bank(jax.random.PRNGKey(6), C, 1, K, D, jnp.float64)
+        bank = ca_bank.init_bank(jax.random.PRNGKey(6), C, 1, K, D, jnp.float64)
         queue, ptr, full = (np.asarray(x) for x in (bank.feats, bank.ptr, bank.full))
         _, _, pairs, _ = run_jax(bank, embed, score, labels, logits, cfg, max_labels=2)
     ref_pairs = reference_step(queue, ptr, full, embed, score, labels, logits, ref_cfg)[-1]
@@ -235,7 +235,7 @@ def test_labels_past_max_labels_are_still_background():
 def test_aux_is_zero_until_the_class_has_wrapped_once():
     cfg = ca.CASettings(memory_size=3, topk=2, warm_up=1)
     rng = np.random.default_rng(3)
-    bank = ca.init_bank(jax.random.PRNGKey(2), C, 3, 2, D)
+    bank = ca_bank.init_bank(jax.random.PRNGKey(2), C, 3, 2, D)
     labels = np.zeros((1, 2 * SIDE, 2 * SIDE), int)  # class 0 only, single-label
     step_fn = jax_step(cfg, max_labels=2)
     for step in range(4):
@@ -251,7 +251,7 @@ def test_topk_enqueues_the_highest_scoring_pixels():
     score = np.zeros((1, 16, N))
     score[0, [5, 9, 2], 1] = [0.9, 0.8, 0.7]
     labels = np.ones((1, 8, 8), int)
-    bank = ca.init_bank(jax.random.PRNGKey(3), C, 2, 3, D)
+    bank = ca_bank.init_bank(jax.random.PRNGKey(3), C, 2, 3, D)
     logits = np.zeros((1, SIDE, SIDE, N))
     _, bank, _, _ = run_jax(bank, embed, score, labels, logits, cfg, max_labels=2)
     np.testing.assert_allclose(bank.feats[CLS_INDEX[1], 0], embed[0, [5, 9, 2]], rtol=1e-6)
@@ -262,7 +262,7 @@ def test_without_background_suppression_attention_is_one_half():
     cfg = ca.CASettings(memory_size=1, topk=2, warm_up=0, background=False)
     rng = np.random.default_rng(5)
     embed, score, labels, logits = random_step(rng, ["multi"])
-    bank = ca.init_bank(jax.random.PRNGKey(4), C, 1, 2, D)
+    bank = ca_bank.init_bank(jax.random.PRNGKey(4), C, 1, 2, D)
     _, _, pairs, _ = run_jax(bank, embed, score, labels, logits, cfg, max_labels=2)
     assert not np.any(np.asarray(pairs["a"]))
 
@@ -298,7 +298,7 @@ def test_cold_background_fix_on_a_multi_label_image():
     embed, score, labels, _ = random_step(rng, ["multi"])
     present = losses.present_classes(jnp.asarray(labels), N)
     classes = np.nonzero(np.asarray(present[0]))[0]
-    bank = ca.init_bank(jax.random.PRNGKey(8), C, 2, K, D)
+    bank = ca_bank.init_bank(jax.random.PRNGKey(8), C, 2, K, D)
     warm_row = CLS_INDEX[classes[1]]
     bank = bank._replace(full=bank.full.at[warm_row].set(1))
     args = (jnp.asarray(embed), jnp.asarray(score), present, jnp.asarray(CLS_INDEX))

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from larvseg_jax import ca_bank, losses
 from larvseg_jax import ca_classifier as ca
-from larvseg_jax import losses
 from larvseg_jax.models.head import CosineHead
 
 MAX_LABELS = 4  # every image of the golden holds one class
@@ -58,7 +58,7 @@ def device_losses(params, x, labels, bank, cls_index, cfg, ca_settings):
         ca_settings,
         max_labels=MAX_LABELS,
     )
-    bank = ca.enqueue(bank, writes)
+    bank = ca_bank.enqueue(bank, writes)
     aux_loss, ce = ca.attentive_ce(
         logits, pairs["a"], pairs["label"], pairs["valid"], pairs["warm"], present, ds.shape[1:]
     )
@@ -79,7 +79,7 @@ def six_steps_match_official(meta, d, ca_settings):
         }
         params = jax.tree.map(jnp.asarray, params)
         feats = jnp.asarray(d["bank0_queue"])
-        bank = ca.Bank(
+        bank = ca_bank.Bank(
             feats,
             feats.mean(axis=2),
             feats.mean(axis=(1, 2)),
