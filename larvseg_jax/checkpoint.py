@@ -171,6 +171,11 @@ class Checkpointer:
             raise MissingError(
                 f"no checkpoint for step {step} in {self.directory}; available: {self.all_steps()}"
             )
+        # Shapes are compared from the metadata first: a read that orbax starts and then fails
+        # leaves coroutines behind that print tracebacks at exit, under the one-line error.
+        detail = _shape_mismatch(self._stored_shapes(step), abstract_state)
+        if detail is not None:
+            raise self._does_not_fit(step, config, detail)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -180,13 +185,26 @@ class Checkpointer:
             detail = _mismatch(str(e))
             if detail is None:
                 raise
-            changed = self._config_changes(step, config)
-            raise CheckpointError(
-                f"checkpoint {self.directory}/{step} does not fit this config's train state "
-                f"({changed or detail}): resume with the config it was written with (its meta "
-                "holds it) or use a fresh --workdir"
-            ) from None
+            raise self._does_not_fit(step, config, detail) from None
         return restored["state"]
+
+    def _stored_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        """{"bank.means": shape, ...} of the checkpoint's state arrays; {} where its metadata
+        cannot be read (orbax's own checks then apply)."""
+        try:
+            tree = self._manager.item_metadata(step)["state"]
+        except Exception:  # noqa: BLE001 - any failure here only skips the early check
+            return {}
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {_path_name(p): tuple(leaf.shape) for p, leaf in leaves if hasattr(leaf, "shape")}
+
+    def _does_not_fit(self, step: int, config: dict | None, detail: str) -> CheckpointError:
+        changed = self._config_changes(step, config)
+        return CheckpointError(
+            f"checkpoint {self.directory}/{step} does not fit this config's train state "
+            f"({changed or detail}): resume with the config it was written with (its meta "
+            "holds it) or use a fresh --workdir"
+        )
 
     def _config_changes(self, step: int, config: dict | None) -> str:
         """ "model.variant 'micro' -> 'tiny', ..." between the checkpoint's config and `config`."""
@@ -206,6 +224,24 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _path_name(path) -> str:
+    """orbax's name of a tree leaf: its keys joined by dots ("opt_state.0.trace", "bank.ptr")."""
+    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _shape_mismatch(stored: dict[str, tuple[int, ...]], abstract_state: Any) -> str | None:
+    """The first array of `abstract_state` whose shape differs from the stored one, worded as
+    orbax words it; None when every array present in both agrees."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+        name = _path_name(path)
+        if name in stored and tuple(leaf.shape) != stored[name]:
+            return (
+                f"Requested shape: {tuple(leaf.shape)} is not compatible with the stored shape: "
+                f"{stored[name]} at {name}"
+            )
+    return None
 
 
 def _mismatch(message: str) -> str | None:
