@@ -4,10 +4,10 @@ XLA:CPU runs the attention core as separate small dots, exp and reductions; the 
 each query block in cache from scores to outputs and runs forward + backward of a B/16 block about
 2.2x faster (README "Speed against PyTorch"). It is compiled on first use with the local C++
 compiler (`$CXX`, default g++; about 3 s) against jaxlib's own FFI headers, for this CPU
-(-march=native), and cached under `$LARVSEG_KERNEL_CACHE` (default ~/.cache/larvseg_jax/kernels)
-keyed by source, flags, compiler, jaxlib and CPU. Where it cannot be built (no compiler, no
-headers) `available()` says why once and the caller keeps the XLA implementation, so nothing
-depends on a compiler being present.
+(-march=native, or `$LARVSEG_KERNEL_MARCH`), and cached under `$LARVSEG_KERNEL_CACHE` (default
+~/.cache/larvseg_jax/kernels) keyed by source, flags, compiler, jaxlib and CPU. Where it cannot
+be built (no compiler, no headers) `available()` says why once and the caller keeps the XLA
+implementation, so nothing depends on a compiler being present.
 """
 
 import ctypes
@@ -29,7 +29,7 @@ from larvseg_jax import user_cache
 _SOURCE = "cpu_attention.cc"
 _FORWARD = "larvseg_attention_forward"
 _BACKWARD = "larvseg_attention_backward"
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 HEAD_DIM_MULTIPLE = 16  # the kernel's vector width in floats
 
 
@@ -40,6 +40,13 @@ def supports(q: jax.Array) -> bool:
     """Whether the kernel takes these inputs: float32 (bf16/fp16 are computed in float32), head
     dim a multiple of 16."""
     return q.dtype in _DTYPES and q.shape[-1] % HEAD_DIM_MULTIPLE == 0
+
+
+def flags() -> tuple[str, ...]:
+    """Compiler flags; the target CPU is `-march=$LARVSEG_KERNEL_MARCH` (default native, this
+    machine's). A shared cache on machines of several CPU kinds can build for their common one
+    (e.g. x86-64-v3 = AVX2: the kernel then uses 8-float vectors instead of AVX-512's 16)."""
+    return ("-O3", f"-march={os.environ.get('LARVSEG_KERNEL_MARCH') or 'native'}", *_FLAGS[1:])
 
 
 def cache_dir() -> str:
@@ -68,7 +75,7 @@ def _compile(compiler: str, source: bytes, out: str) -> None:
         with open(src, "wb") as f:
             f.write(source)
         lib = os.path.join(tmp, "lib.so")
-        cmd = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), src, "-o", lib]
+        cmd = [compiler, *flags(), "-I", jax.ffi.include_dir(), src, "-o", lib]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
         if done.returncode:
             tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
@@ -90,7 +97,7 @@ def build() -> str:
         [compiler, "--version"], capture_output=True, text=True, check=False
     ).stdout
     key = hashlib.sha256()
-    for part in (source, " ".join(_FLAGS), version, jax.__version__, _cpu_identity()):
+    for part in (source, " ".join(flags()), version, jax.__version__, _cpu_identity()):
         key.update(part if isinstance(part, bytes) else part.encode())
     out = os.path.join(cache_dir(), f"cpu_attention_{key.hexdigest()[:16]}.so")
     if not os.path.exists(out):

@@ -200,3 +200,60 @@ def test_without_the_kernel_auto_falls_back_and_explicit_use_says_why(monkeypatc
             attention_lib.attention(q, k, v, implementation="cpu_kernel")
     finally:
         cpu_attention.available.cache_clear()
+
+
+AVX2_CHECK = """
+import jax, jax.numpy as jnp, numpy as np
+from larvseg_jax.models import attention, cpu_attention
+assert cpu_attention.available()
+for shape in [(2, 3, 37, 16), (1, 2, 130, 32), (4, 70, 64)]:
+    q, k, v, g = (jax.random.normal(jax.random.PRNGKey(i), shape) for i in range(4))
+    def xla(q, k, v):
+        four = [t.reshape((-1, 1, *t.shape[-2:])) for t in (q, k, v)]
+        return attention.attention(*four, implementation="xla").reshape(q.shape)
+    for fn in (cpu_attention.attention, xla):
+        o, vjp = jax.vjp(fn, q, k, v)
+        if fn is xla:
+            np.testing.assert_allclose(o, o_kernel, rtol=2e-5, atol=2e-6)
+            for a, b in zip(vjp(g), grads_kernel):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+        o_kernel, grads_kernel = o, vjp(g)
+print("ok")
+"""
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return flag in f.read().split()
+    except OSError:
+        return False
+
+
+@needs_kernel
+@pytest.mark.skipif(not _cpu_has("avx2"), reason="needs an x86-64 CPU with AVX2")
+def test_avx2_build_matches_xla(tmp_path):
+    """The kernel's 8-float-vector path (what AVX2-only CPUs compile), built here with
+    LARVSEG_KERNEL_MARCH=x86-64-v3, against the XLA attention: forward and gradients."""
+    import subprocess
+    import sys
+
+    macros = subprocess.run(
+        [os.environ.get("CXX", "g++"), "-march=x86-64-v3", "-dM", "-E", "-x", "c++", "/dev/null"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "__AVX2__" in macros and "__AVX512F__" not in macros  # the AVX2 path is the one built
+    env = {**os.environ, "LARVSEG_KERNEL_MARCH": "x86-64-v3", "LARVSEG_KERNEL_CACHE": str(tmp_path)}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run(
+        [sys.executable, "-c", AVX2_CHECK],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    assert [p for p in os.listdir(tmp_path) if p.endswith(".so")]  # built for that target
