@@ -25,15 +25,14 @@ import jax.numpy as jnp
 from absl import logging
 
 from larvseg_jax import user_cache
+from larvseg_jax.models.matmul import LOW_PRECISION
 
 _SOURCE = "cpu_attention.cc"
 _FORWARD = "larvseg_attention_forward"
 _BACKWARD = "larvseg_attention_backward"
-_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
+_FLAGS = ("-std=c++17", "-shared", "-fPIC", "-w")  # with -O3 and -march, see `flags`
 HEAD_DIM_MULTIPLE = 16  # the kernel's vector width in floats
-
-
-_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_DTYPES = (jnp.dtype(jnp.float32), *LOW_PRECISION)  # low precision is widened to float32
 
 
 def supports(q: jax.Array) -> bool:
@@ -46,7 +45,7 @@ def flags() -> tuple[str, ...]:
     """Compiler flags; the target CPU is `-march=$LARVSEG_KERNEL_MARCH` (default native, this
     machine's). A shared cache on machines of several CPU kinds can build for their common one
     (e.g. x86-64-v3 = AVX2: the kernel then uses 8-float vectors instead of AVX-512's 16)."""
-    return ("-O3", f"-march={os.environ.get('LARVSEG_KERNEL_MARCH') or 'native'}", *_FLAGS[1:])
+    return ("-O3", f"-march={os.environ.get('LARVSEG_KERNEL_MARCH') or 'native'}", *_FLAGS)
 
 
 def cache_dir() -> str:
@@ -65,7 +64,7 @@ def _cpu_identity() -> str:
         return platform.processor() or platform.machine()
 
 
-def _compile(compiler: str, source: bytes, out: str) -> None:
+def _compile(compiler: str, flag_list: tuple[str, ...], source: bytes, out: str) -> None:
     """Compiles into a temporary file beside `out` and renames it into place, so concurrent
     processes (multi-process runs, parallel tests) never load a half-written library."""
     folder = os.path.dirname(out)
@@ -75,7 +74,7 @@ def _compile(compiler: str, source: bytes, out: str) -> None:
         with open(src, "wb") as f:
             f.write(source)
         lib = os.path.join(tmp, "lib.so")
-        cmd = [compiler, *flags(), "-I", jax.ffi.include_dir(), src, "-o", lib]
+        cmd = [compiler, *flag_list, "-I", jax.ffi.include_dir(), src, "-o", lib]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
         if done.returncode:
             tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
@@ -96,13 +95,14 @@ def build() -> str:
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=False
     ).stdout
+    flag_list = flags()  # the same flags name the library and build it
     key = hashlib.sha256()
-    for part in (source, " ".join(flags()), version, jax.__version__, _cpu_identity()):
+    for part in (source, " ".join(flag_list), version, jax.__version__, _cpu_identity()):
         key.update(part if isinstance(part, bytes) else part.encode())
     out = os.path.join(cache_dir(), f"cpu_attention_{key.hexdigest()[:16]}.so")
     if not os.path.exists(out):
         logging.info("Compiling the CPU attention kernel into %s", out)
-        _compile(compiler, source, out)
+        _compile(compiler, flag_list, source, out)
     return out
 
 
