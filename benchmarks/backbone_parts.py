@@ -5,7 +5,9 @@ README's "Speed against PyTorch").
    512, JAX and PyTorch alternating round by round: the ratio of paired rounds.
 2. Its parts alone, fwd + bwd at the same shapes ([2, 1025, 768] tokens): the attention core
    (this project's custom-VJP blockwise form, JAX autodiff, PyTorch's fused
-   scaled_dot_product_attention), LayerNorm, the MLP and the QKV projection.
+   scaled_dot_product_attention), LayerNorm, the MLP and the QKV projection; and the GEMM
+   libraries alone: a block's 12 products (forward, input and weight gradient of its four
+   projections) as plain matmuls, XLA's against PyTorch's (MKL), paired rounds.
 3. With --trace: one JAX backbone step under jax.profiler, its XLA ops summed by kind: the large
    dense matmuls and the attention's small matmuls with their achieved GFLOP/s, and the rest.
 
@@ -133,6 +135,48 @@ def parts(reps: int) -> dict:
     return out
 
 
+def block_gemms(rounds: int) -> dict:
+    """One block's 12 projection GEMMs as plain matmuls (x @ w, g @ w.T, x.T @ g for QKV, out,
+    MLP in and out, 2050 tokens), one after another in both frameworks (one jit per product, so
+    XLA does not run them two at a time), JAX and PyTorch alternating: what the GEMM library
+    alone accounts for in the backbone ratio."""
+    rng = np.random.default_rng(0)
+    m = B * N
+    shapes = ((D, 3 * D), (D, D), (D, MLP), (MLP, D))
+    operands = [
+        [rng.standard_normal(s, np.float32) for s in ((m, i), (i, o), (m, o))] for i, o in shapes
+    ]
+    forms = (lambda x, w, g, t: x @ w, lambda x, w, g, t: g @ t(w), lambda x, w, g, t: t(x) @ g)
+    jitted = [jax.jit(lambda x, w, g, f=f: f(x, w, g, jnp.transpose)) for f in forms]
+
+    def run_jax():
+        for x, w, g in jax_ops:
+            for f in jitted:
+                f(x, w, g).block_until_ready()
+
+    def run_torch():
+        for x, w, g in torch_ops:
+            for f in forms:
+                f(x, w, g, torch.t)
+
+    jax_ops = jax.tree.map(jnp.asarray, operands)
+    torch_ops = jax.tree.map(torch.from_numpy, operands)
+    times = {"jax": [], "torch": []}
+    for i in range(rounds + 1):  # the first round compiles / warms up
+        for name, fn in (("jax", run_jax), ("torch", run_torch)):
+            t0 = time.perf_counter()
+            fn()
+            if i:
+                times[name].append(time.perf_counter() - t0)
+    gflop = sum(3 * 2 * m * i * o for i, o in shapes) / 1e9
+    return {
+        "gflop": round(gflop, 1),
+        **{f"{k}_s": round(float(np.median(v)), 4) for k, v in times.items()},
+        **{f"{k}_gflop_per_s": round(gflop / float(np.median(v))) for k, v in times.items()},
+        "jax_over_torch": round(float(np.median(np.array(times["jax"]) / times["torch"])), 3),
+    }
+
+
 def _dot_flops(body: str) -> int:
     """2 x output size x contraction size of every dot in a fused computation's HLO text."""
     total = 0
@@ -233,6 +277,7 @@ def main():
         "backbone_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
         "backbone_jax_over_torch": round(ratio, 3),
         "parts_s": {k: round(v, 4) for k, v in parts(max(args.rounds, 3)).items()},
+        "block_gemms": block_gemms(max(2 * args.rounds, 5)),
     }
     if args.trace:
         row["jax_trace"] = trace_breakdown(grad, grad_args)
