@@ -1,6 +1,5 @@
 """Cosine pixel classifier with "mask norm" (SPEC 1.3): the only decode layer LarvSeg uses."""
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -70,10 +69,9 @@ class CosineHead(nn.Module):
         gamma = self.param("gamma", nn.initializers.ones, ())
         beta = self.param("beta", nn.initializers.zeros, ())
 
-        project = functools.partial(matmul.einsum, "...i,io->...o")
-        x = l2_normalize(project(features.astype(self.dtype), patch_proj.astype(self.dtype)))
+        x = l2_normalize(matmul.dense(features.astype(self.dtype), patch_proj.astype(self.dtype)))
         e = l2_normalize(
-            project(cls_emb[cls_index].astype(self.dtype), class_proj.astype(self.dtype))
+            matmul.dense(cls_emb[cls_index].astype(self.dtype), class_proj.astype(self.dtype))
         )
         out_dtype = jnp.promote_types(self.dtype, jnp.float32)  # scores never below fp32
         scores = matmul.einsum("bhwd,nd->bhwn", x, e, out_dtype=out_dtype)

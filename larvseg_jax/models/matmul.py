@@ -7,6 +7,13 @@ contractions. Why: on XLA:CPU a bf16 x bf16 -> bf16 dot runs at fp32 speed (abou
 on this project's CPU), while bf16 x bf16 -> fp32 reaches the AMX units (1.2-1.5 TFLOP/s); and
 autodiff of a cast-after-dot would transpose with a float32 cotangent against a bf16 operand,
 which promotes the backward dots to float32. GPUs accumulate in float32 either way.
+
+`dense` is the projections' form, x [..., I] @ kernel [I, O], with a hand-written VJP in every
+dtype (float32 too): its kernel gradient is one 2-D GEMM over the flattened tokens. Autodiff of
+the einsum contracts the leading axes of two [B, N, .] operands, which XLA:CPU lays out with a
+transpose of the larger one first (a [3072, 2050] copy per MLP block at B/16); as a 2-D product
+over tokens it needs none (ViT-B/16 backbone forward + backward 7-8 % faster,
+`benchmarks/backbone_parts.py`).
 """
 
 import functools
@@ -46,6 +53,53 @@ def einsum(subscripts: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.A
     return _accumulating_einsum(subscripts, out_dtype, a, b)
 
 
+def dense(x: jax.Array, kernel: jax.Array, bias=None, out_dtype=None) -> jax.Array:
+    """x [..., I] @ kernel [I, O] (+ bias [O]) -> [..., O] in `out_dtype` (default: the
+    operands'). Products and bias are summed in `accumulation_dtype` and rounded once (in bf16
+    the bias gradient is then a float32 sum); see the module docstring for the VJP."""
+    if x.dtype != kernel.dtype:
+        raise ValueError(f"dense operands differ in dtype: {x.dtype}, {kernel.dtype}")
+    if kernel.ndim != 2 or x.shape[-1] != kernel.shape[0]:
+        raise ValueError(f"dense needs x [..., I] and kernel [I, O]; got {x.shape}, {kernel.shape}")
+    if bias is None:
+        bias = jnp.zeros((0,), accumulation_dtype(x.dtype))  # no bias: an empty placeholder
+    elif bias.shape != kernel.shape[1:]:
+        raise ValueError(f"dense bias {bias.shape} does not match kernel {kernel.shape}")
+    return _dense(jnp.dtype(out_dtype or x.dtype), x, kernel, bias)
+
+
+def _contract(subscripts: str, x: jax.Array, y: jax.Array, dtype) -> jax.Array:
+    acc = accumulation_dtype(x.dtype)
+    return jnp.einsum(subscripts, x, y, preferred_element_type=acc).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dense(out_dtype, x, kernel, bias):
+    acc = accumulation_dtype(x.dtype)
+    y = _contract("...i,io->...o", x, kernel, acc)
+    return (y + bias.astype(acc) if bias.size else y).astype(out_dtype)
+
+
+def _dense_forward(out_dtype, x, kernel, bias):
+    return _dense(out_dtype, x, kernel, bias), (x, kernel, bias)
+
+
+def _dense_backward(out_dtype, residuals, g):
+    x, kernel, bias = residuals
+    # The cotangent as [tokens, O], materialised once: XLA:CPU otherwise re-runs the layout
+    # change that produces it (e.g. the QKV heads-first transpose's) inside each consumer.
+    tokens_g = jax.lax.optimization_barrier(g.reshape(-1, g.shape[-1]))
+    dbias = jnp.sum(tokens_g.astype(accumulation_dtype(x.dtype)), 0).astype(bias.dtype)
+    tokens_g = tokens_g.astype(x.dtype)
+    dx = _contract("to,io->ti", tokens_g, kernel, x.dtype).reshape(x.shape)
+    tokens_x = x.reshape(-1, x.shape[-1])
+    dkernel = _contract("ti,to->io", tokens_x, tokens_g, kernel.dtype)  # one 2-D GEMM over tokens
+    return dx, dkernel, dbias if bias.size else jnp.zeros_like(bias)
+
+
+_dense.defvjp(_dense_forward, _dense_backward)
+
+
 def _split(subscripts: str) -> tuple[str, str, str]:
     inputs, out = subscripts.replace(" ", "").split("->")
     lhs, rhs = inputs.split(",")
@@ -54,10 +108,6 @@ def _split(subscripts: str) -> tuple[str, str, str]:
         if lonely:  # summed within one operand: its cotangent would need a broadcast
             raise ValueError(f"einsum {subscripts!r}: indices {sorted(lonely)} only in {mine!r}")
     return lhs, rhs, out
-
-
-def _contract(subscripts: str, x: jax.Array, y: jax.Array, dtype) -> jax.Array:
-    return jnp.einsum(subscripts, x, y, preferred_element_type=jnp.float32).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

@@ -20,9 +20,9 @@ from larvseg_jax.models import attention as attention_lib
 from larvseg_jax.models import matmul
 
 LN_EPS = 1e-6
-# Projections add their bias to the accumulator (`matmul.accumulation_dtype`) and round once:
-# in bf16 compute the bias gradient is then a float32 sum (a bf16 sum was a slow reduce-window
-# on XLA:CPU, ~6 % of the bf16 backbone step).
+# Projections run through `matmul.dense`: the bias is added to the accumulator and rounded once,
+# so in bf16 compute the bias gradient is a float32 sum (a bf16 sum was a slow reduce-window on
+# XLA:CPU, ~6 % of the bf16 backbone step).
 POS_RESIZE_RULES = ("shape", "token_count")
 
 VARIANTS: dict[str, dict[str, int]] = {
@@ -79,27 +79,25 @@ class SelfAttention(nn.Module):
             _Projection((d, self.num_heads, dh), (self.num_heads, dh), 1, name=n)()
             for n in ("query", "key", "value")
         ]
-        # Separate AugReg params, but one [D, 3, H, Dh] GEMM whose output is already heads-first
-        # (the [B, N, H, Dh] layout makes the attention products ~4x slower on CPU, ENVIRONMENT 9).
+        b, n = x.shape[:2]
+        # Separate AugReg params, one token-major [B*N, D] x [D, 3*H*Dh] GEMM, then one transpose
+        # to heads first (the [B, N, H, Dh] layout makes the attention products ~4x slower on
+        # CPU, ENVIRONMENT 9); `matmul.dense`'s kernel gradient is then one 2-D GEMM too.
         kernel = jnp.stack([p[0] for p in qkv], axis=1).astype(self.dtype)  # [D, 3, H, Dh]
         bias = jnp.stack([p[1] for p in qkv], axis=0)  # [3, H, Dh]
-        qkv = matmul.einsum(
-            "bnd,dthk->tbhnk", x.astype(self.dtype), kernel, matmul.accumulation_dtype(self.dtype)
-        )
-        qkv = (qkv + bias[:, None, :, None, :]).astype(self.dtype)
+        qkv = matmul.dense(x.astype(self.dtype), kernel.reshape(d, 3 * d), bias.reshape(3 * d))
+        qkv = qkv.reshape(b, n, 3, self.num_heads, dh).transpose(2, 0, 3, 1, 4)  # [3, B, H, N, Dh]
         o = attention_lib.attention(
             qkv[0], qkv[1], qkv[2], implementation=self.implementation
         )  # [B, H, N, Dh]
         out_kernel, out_bias = _Projection((self.num_heads, dh, d), (d,), 2, name="out")()
-        o = matmul.einsum(
-            "bhnk,hkd->bnd", o, out_kernel.astype(self.dtype), matmul.accumulation_dtype(self.dtype)
-        )
-        return (o + out_bias).astype(self.dtype)
+        o = o.transpose(0, 2, 1, 3).reshape(b, n, d)  # token-major, heads concatenated
+        return matmul.dense(o, out_kernel.reshape(d, d).astype(self.dtype), out_bias)
 
 
 class Dense(nn.Module):
-    """nn.Dense's parameters and math, its matmul through `matmul.einsum` (float32 accumulation
-    in bf16 compute, both passes)."""
+    """nn.Dense's parameters and math, its matmul through `matmul.dense` (float32 accumulation
+    in bf16 compute, both passes; the kernel gradient as one GEMM over tokens)."""
 
     features: int
     dtype: Any = jnp.float32
@@ -110,13 +108,7 @@ class Dense(nn.Module):
             "kernel", nn.initializers.xavier_uniform(), (x.shape[-1], self.features)
         )
         bias = self.param("bias", nn.initializers.normal(1e-6), (self.features,))  # big_vision
-        y = matmul.einsum(
-            "...i,io->...o",
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            matmul.accumulation_dtype(self.dtype),
-        )
-        return (y + bias).astype(self.dtype)
+        return matmul.dense(x.astype(self.dtype), kernel.astype(self.dtype), bias)
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -238,14 +230,9 @@ class PatchEmbedding(nn.Module):
         p, (b, height, width, c) = self.patch_size, x.shape
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.width))
         bias = self.param("bias", nn.initializers.zeros, (self.width,))
-        patches = x.reshape(b, height // p, p, width // p, p, c).astype(self.dtype)
-        y = matmul.einsum(
-            "bhpwqc,pqcd->bhwd",
-            patches,
-            kernel.astype(self.dtype),
-            matmul.accumulation_dtype(self.dtype),
-        )
-        return (y + bias).astype(self.dtype)
+        patches = x.reshape(b, height // p, p, width // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(b, height // p, width // p, p * p * c).astype(self.dtype)
+        return matmul.dense(patches, kernel.reshape(p * p * c, self.width).astype(self.dtype), bias)
 
 
 class Encoder(nn.Module):

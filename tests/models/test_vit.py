@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from larvseg_jax import interp
-from larvseg_jax.models import pretrained, vit
+from larvseg_jax.models import matmul, pretrained, vit
 from tests.models.golden_vit import TINY
 
 TAGS = ("in64", "in48", "in40x56", "in32x128")
@@ -163,3 +163,35 @@ def test_gelu_is_pytorchs_erf_formula():
         for v in x.astype(np.float64)
     ]
     np.testing.assert_allclose(np.asarray(grad, np.float64), want_grad, rtol=1e-5, atol=2e-6)
+
+
+def test_gradients_equal_autodiff_of_plain_projections_in_float64(monkeypatch):
+    """The model's projections (patch embedding, QKV, out, MLP) through `matmul.dense`'s
+    hand-written VJP give the gradients that autodiff of plain einsums gives."""
+
+    def plain_dense(x, kernel, bias=None, out_dtype=None):
+        y = jnp.einsum("...i,io->...o", x, kernel)
+        return (y if bias is None else y + bias).astype(out_dtype or x.dtype)
+
+    with jax.enable_x64(True):
+        model = vit.ViT(**TINY, dtype=jnp.float64, attention="xla")
+        images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float64)
+        params = jax.tree.map(
+            lambda p: p.astype(jnp.float64),
+            model.init(jax.random.PRNGKey(0), images, train=False)["params"],
+        )
+        out_shape = jax.eval_shape(lambda: model.apply({"params": params}, images, train=False))
+        sink = jnp.asarray(np.random.default_rng(1).normal(size=out_shape.shape), jnp.float64)
+
+        def grads():
+            return jax.grad(
+                lambda p: jnp.sum(model.apply({"params": p}, images, train=False) * sink)
+            )(params)
+
+        got = grads()
+        monkeypatch.setattr(matmul, "dense", plain_dense)
+        want = grads()
+    for (path, g), r in zip(
+        jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True
+    ):
+        np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-12, err_msg=jax.tree_util.keystr(path))
