@@ -152,13 +152,18 @@ def test_dense_float32_forward_is_plain_einsum_plus_bias():
     np.testing.assert_array_equal(got, jax.jit(plain_dense)(x, kernel, bias))
 
 
-def test_dense_kernel_gradient_is_one_2d_gemm_over_tokens():
-    """The reason for the VJP: the kernel gradient contracts [tokens, I] with [tokens, O] (not
-    the [B, N, .] operands over two axes), and the cotangent is materialised once (one
-    optimization barrier) for the bias sum and both GEMMs."""
-    x, kernel, bias, w = dense_operands((2, 5, 8), jnp.float32)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_kernel_gradient_form(dtype):
+    """The reason for the VJP: in float32 the kernel gradient contracts [tokens, I] with
+    [tokens, O] (not the [B, N, .] operands over two axes); in bf16 it keeps the [B, N] form,
+    which XLA:CPU runs on AMX (the 2-D one it does not). The cotangent is materialised once
+    (one optimization barrier) for the bias sum and both GEMMs."""
+    x, kernel, bias, w = dense_operands((2, 5, 8), dtype)
     jaxpr = jax.make_jaxpr(
-        jax.grad(lambda x, k, b: jnp.sum(matmul.dense(x, k, b) * w), argnums=(0, 1, 2))
+        jax.grad(
+            lambda x, k, b: jnp.sum(matmul.dense(x, k, b).astype(jnp.float32) * w),
+            argnums=(0, 1, 2),
+        )
     )(x, kernel, bias).jaxpr
     eqns = []
 
@@ -174,8 +179,12 @@ def test_dense_kernel_gradient_is_one_2d_gemm_over_tokens():
     ]
     assert len(kernel_grads) == 1
     (contracting, batch) = kernel_grads[0].params["dimension_numbers"]
-    assert [v.aval.shape for v in kernel_grads[0].invars] == [(10, 8), (10, 6)]
-    assert contracting == ((0,), (0,)) and batch == ((), ())
+    if dtype == jnp.float32:
+        assert [v.aval.shape for v in kernel_grads[0].invars] == [(10, 8), (10, 6)]
+        assert contracting == ((0,), (0,)) and batch == ((), ())
+    else:
+        assert [v.aval.shape for v in kernel_grads[0].invars] == [(2, 5, 8), (2, 5, 6)]
+        assert contracting == ((0, 1), (0, 1)) and batch == ((), ())
     assert sum(e.primitive.name == "optimization_barrier" for e in eqns) == 1
 
 
