@@ -61,15 +61,23 @@ def test_bfloat16_value_and_gradients_match_float32_math(subscripts, a_shape, b_
     np.testing.assert_allclose(f32, reference(a, b), rtol=1e-5, atol=1e-5)
 
 
-def dots(jaxpr) -> list[tuple[str, str, str]]:
-    """(lhs, rhs, out) dtypes of every dot_general in a closed jaxpr, sub-jaxprs included."""
+def equations(jaxpr) -> list:
+    """Every equation of a jaxpr, those of its sub-jaxprs (custom VJPs, scans...) included."""
     found = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            found.append(tuple(str(v.aval.dtype) for v in (*eqn.invars, *eqn.outvars)))
+        found.append(eqn)
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            found += dots(sub)
+            found += equations(sub)
     return found
+
+
+def dots(jaxpr) -> list[tuple[str, str, str]]:
+    """(lhs, rhs, out) dtypes of every dot_general in a jaxpr, sub-jaxprs included."""
+    return [
+        tuple(str(v.aval.dtype) for v in (*eqn.invars, *eqn.outvars))
+        for eqn in equations(jaxpr)
+        if eqn.primitive.name == "dot_general"
+    ]
 
 
 def test_every_dot_of_a_bfloat16_mlp_step_is_bf16_in_fp32_out():
@@ -165,15 +173,7 @@ def test_dense_kernel_gradient_form(dtype):
             argnums=(0, 1, 2),
         )
     )(x, kernel, bias).jaxpr
-    eqns = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            eqns.append(eqn)
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                walk(sub)
-
-    walk(jaxpr)
+    eqns = equations(jaxpr)
     kernel_grads = [
         e for e in eqns if e.primitive.name == "dot_general" and e.outvars[0].aval.shape == (8, 6)
     ]
