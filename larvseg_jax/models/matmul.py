@@ -109,6 +109,37 @@ def _dense_backward(out_dtype, residuals, g):
 _dense.defvjp(_dense_forward, _dense_backward)
 
 
+def add_broadcast(x: jax.Array, row: jax.Array) -> jax.Array:
+    """x [B, ...] + row [1, ...] (e.g. the position embedding), whose gradient for `row` is a
+    contraction of the cotangent with ones over B, summed in `accumulation_dtype`. Why: the
+    autodiff form, a sum over the leading axis, runs on XLA:CPU as a YNNPACK reduce that takes
+    12 ms per ViT-B/16 call at 2 images of 512 (0.6 ms as a contraction)."""
+    if x.dtype != row.dtype or row.ndim != x.ndim or row.shape[0] != 1:
+        raise ValueError(
+            f"add_broadcast needs x [B, ...] and row [1, ...]; got {x.shape} "
+            f"{x.dtype}, {row.shape} {row.dtype}"
+        )
+    return _add_broadcast(x, row)
+
+
+@jax.custom_vjp
+def _add_broadcast(x, row):
+    return x + row
+
+
+def _add_broadcast_forward(x, row):
+    return x + row, None
+
+
+def _add_broadcast_backward(_, g):
+    ones = jnp.ones(g.shape[:1], g.dtype)
+    drow = jnp.einsum("b,b...->...", ones, g, preferred_element_type=accumulation_dtype(g.dtype))
+    return g, drow[None].astype(g.dtype)
+
+
+_add_broadcast.defvjp(_add_broadcast_forward, _add_broadcast_backward)
+
+
 def _split(subscripts: str) -> tuple[str, str, str]:
     inputs, out = subscripts.replace(" ", "").split("->")
     lhs, rhs = inputs.split(",")

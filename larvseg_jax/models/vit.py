@@ -211,7 +211,7 @@ class AddPositionEmbs(nn.Module):
             # Resized in the table's float32, then cast: the resize is differentiable, so the
             # stored table is trained through it (as in the official code).
             table = interp.resize_pos_embed(table, (gh, gw), grid)
-        return x + table.astype(self.dtype)
+        return matmul.add_broadcast(x, table.astype(self.dtype))
 
 
 class PatchEmbedding(nn.Module):

@@ -218,3 +218,42 @@ def test_dense_refuses_mismatched_operands():
         matmul.dense(x, kernel.T)
     with pytest.raises(ValueError, match="dense bias"):
         matmul.dense(x, kernel, bias[:3])
+
+
+def test_add_broadcast_equals_autodiff_of_the_plain_sum_in_float64():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(3)
+        x, row, w = (jnp.asarray(rng.normal(size=s)) for s in ((3, 5, 4), (1, 5, 4), (3, 5, 4)))
+        np.testing.assert_array_equal(matmul.add_broadcast(x, row), x + row)
+        got = jax.grad(lambda x, r: jnp.sum(matmul.add_broadcast(x, r) * w), (0, 1))(x, row)
+        want = jax.grad(lambda x, r: jnp.sum((x + r) * w), (0, 1))(x, row)
+        for g, r in zip(got, want, strict=True):
+            assert g.dtype == jnp.float64 and g.shape == r.shape
+            np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12)
+
+
+def test_add_broadcast_row_gradient_is_a_contraction_not_a_reduce():
+    """The reason for the VJP: XLA:CPU runs the sum over the batch as a slow reduce."""
+    x, row = jnp.ones((2, 5, 4)), jnp.ones((1, 5, 4))
+    row_vjp = lambda r, g: jax.vjp(lambda r: matmul.add_broadcast(x, r), r)[1](g)
+    jaxpr = jax.make_jaxpr(row_vjp)(row, x)
+    names = [e.primitive.name for e in equations(jaxpr.jaxpr)]
+    assert "dot_general" in names and "reduce_sum" not in names
+
+
+def test_add_broadcast_bfloat16_row_gradient_sums_in_float32():
+    # 1 + 3 * 2^-8 is a tie between bf16 neighbours that rounds up; summed in bf16 one term at a
+    # time each 2^-8 is lost (1 + 2^-8 rounds back to 1).
+    w = jnp.asarray([1.0, 2**-8, 2**-8, 2**-8], jnp.float32).reshape(4, 1)
+    x, row = jnp.zeros((4, 1), jnp.bfloat16), jnp.zeros((1, 1), jnp.bfloat16)
+    grad = jax.grad(lambda r: jnp.sum(matmul.add_broadcast(x, r).astype(jnp.float32) * w))(row)
+    assert grad.dtype == jnp.bfloat16
+    assert float(grad[0, 0]) == 1.015625
+
+
+def test_add_broadcast_refuses_a_row_that_is_not_one_row():
+    x = jnp.ones((2, 5, 4))
+    with pytest.raises(ValueError, match=r"add_broadcast needs x \[B, ...\] and row \[1, ...\]"):
+        matmul.add_broadcast(x, jnp.ones((2, 5, 4)))
+    with pytest.raises(ValueError, match="add_broadcast needs"):
+        matmul.add_broadcast(x, jnp.ones((1, 5, 4), jnp.bfloat16))
