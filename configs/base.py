@@ -79,6 +79,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "auto" (the fused C++ kernel on CPU in float32, else "custom_vjp") | "cpu_kernel" |
     # "custom_vjp" (pure XLA, portable) | "xla" | "cudnn" (GPU, bf16); models/attention.py
     cfg.model.attention = "auto"
+    # The projections' GEMMs: "auto" (on CPU, the C++ kernel for float32 products of at least
+    # 1 GFLOP where the CPU has AVX-512, e.g. ViT-B/16; XLA's dot for the tiny models and
+    # elsewhere) | "cpu_kernel" | "xla"; models/matmul.py
+    cfg.model.gemm = "auto"
     cfg.model.pretrained = ""  # AugReg .npz to initialise the ViT from; "" = random init
     cfg.model.dtype = "float32"  # compute dtype; params stay float32
     # Recompute each transformer block's activations in the backward pass: the step keeps one

@@ -21,7 +21,7 @@ from larvseg_jax import checkpoint, groups, sharding, vocab
 from larvseg_jax.ca_classifier import CASettings
 from larvseg_jax.data import catalog, pipeline, synthetic
 from larvseg_jax.errors import ConfigError, MissingError, WorkdirError
-from larvseg_jax.models import segmenter, vit
+from larvseg_jax.models import matmul, segmenter, vit
 from larvseg_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
 from larvseg_jax.optim import make_optimizer
 from larvseg_jax.train_step import (
@@ -164,6 +164,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _one_of(cfg.model.variant, tuple(vit.VARIANTS), "model.variant")
     _one_of(cfg.model.pos_resize_rule, vit.POS_RESIZE_RULES, "model.pos_resize_rule")
     _one_of(cfg.model.attention, ATTENTION_IMPLS, "model.attention")
+    _one_of(cfg.model.get("gemm", "auto"), matmul.GEMM_IMPLEMENTATIONS, "model.gemm")
     _one_of(cfg.model.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
     if cfg.model.pretrained and not os.path.exists(cfg.model.pretrained):
         raise MissingError(
@@ -327,6 +328,7 @@ def build_model(cfg: ml_collections.ConfigDict, num_classes: int) -> segmenter.S
         attention=cfg.model.attention,
         dtype=dtype,
         remat=bool(cfg.model.get("remat", False)),
+        gemm=cfg.model.get("gemm", "auto"),
     )
     return segmenter.Segmenter(backbone=backbone, num_classes=num_classes, dtype=dtype)
 

@@ -37,9 +37,10 @@ def inference_function(predictor: Predictor, index: np.ndarray, image_size: tupl
     new_h, new_w = transforms.rescale_size(h0, w0, (4 * short, short))
     weights, treedef = jax.tree.flatten(predictor.params)
     index = np.asarray(index, np.int32)
-    # The pure-XLA attention: an artifact must not call the kernel compiled on this machine
+    # Pure-XLA attention and GEMMs: an artifact must not call the kernels compiled on this machine
     # (jax.export refuses such custom calls, and the machine that loads it may have none).
-    model = predictor.model.clone(backbone=predictor.model.backbone.clone(attention="custom_vjp"))
+    backbone = predictor.model.backbone.clone(attention="custom_vjp", gemm="xla")
+    model = predictor.model.clone(backbone=backbone)
 
     def one_image(params, rgb):
         image = transforms.resize_bilinear(rgb, new_h, new_w, xp=jnp)

@@ -135,6 +135,7 @@ def _with(**changes):
     "changes, message",
     [
         ({"model__variant": "huge"}, r"model.variant='huge' is unknown; use one of B/16"),
+        ({"model__gemm": "mkl"}, r"model.gemm=.mkl. is unknown; use one of auto"),
         ({"data__eval_source": "syn_seg"}, r"data.eval_source='syn_seg' is a training set"),
         ({"data__eval_source": "a150"}, r"mix synthetic and real datasets"),
         ({"data__num_groups": 6}, r"data.num_groups=6 must be a multiple of the sources' total"),

@@ -40,10 +40,12 @@ class CosineHead(nn.Module):
     Attributes:
       num_classes: rows of the union vocabulary table E (C_union).
       dtype: compute dtype of the two projections.
+      gemm: their GEMM implementation (matmul.GEMM_IMPLEMENTATIONS).
     """
 
     num_classes: int
     dtype: Any = jnp.float32
+    gemm: str = "auto"  # matmul.GEMM_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(
@@ -69,10 +71,10 @@ class CosineHead(nn.Module):
         gamma = self.param("gamma", nn.initializers.ones, ())
         beta = self.param("beta", nn.initializers.zeros, ())
 
-        x = l2_normalize(matmul.dense(features.astype(self.dtype), patch_proj.astype(self.dtype)))
-        e = l2_normalize(
-            matmul.dense(cls_emb[cls_index].astype(self.dtype), class_proj.astype(self.dtype))
-        )
+        x = features.astype(self.dtype)
+        x = l2_normalize(matmul.dense(x, patch_proj.astype(self.dtype), gemm=self.gemm))
+        e = cls_emb[cls_index].astype(self.dtype)
+        e = l2_normalize(matmul.dense(e, class_proj.astype(self.dtype), gemm=self.gemm))
         out_dtype = jnp.promote_types(self.dtype, jnp.float32)  # scores never below fp32
         scores = matmul.einsum("bhwd,nd->bhwn", x, e, out_dtype=out_dtype)
         logits = mask_norm(scores, gamma, beta, class_mask)

@@ -18,11 +18,18 @@ token-major projections in the ViT: backbone forward + backward 1.24x -> 1.11-1.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
+from larvseg_jax.models import cpu_gemm
+
 LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# `dense`'s GEMMs: "auto" = "cpu_kernel" for float32 products of at least cpu_gemm.MIN_FLOPS on the
+# CPU backend where the kernel builds, else "xla"; "cpu_kernel" = cpu_gemm.cc (float32, AVX-512);
+# "xla" = XLA's dot.
+GEMM_IMPLEMENTATIONS = ("auto", "cpu_kernel", "xla")
 
 
 def accumulation_dtype(dtype) -> jnp.dtype:
@@ -54,10 +61,13 @@ def einsum(subscripts: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.A
     return _accumulating_einsum(subscripts, out_dtype, a, b)
 
 
-def dense(x: jax.Array, kernel: jax.Array, bias=None, out_dtype=None) -> jax.Array:
+def dense(
+    x: jax.Array, kernel: jax.Array, bias=None, out_dtype=None, gemm: str = "auto"
+) -> jax.Array:
     """x [..., I] @ kernel [I, O] (+ bias [O]) -> [..., O] in `out_dtype` (default: the
     operands'). Products and bias are summed in `accumulation_dtype` and rounded once (in bf16
-    the bias gradient is then a float32 sum); see the module docstring for the VJP."""
+    the bias gradient is then a float32 sum); see the module docstring for the VJP. `gemm`
+    (GEMM_IMPLEMENTATIONS) runs the forward product and both gradient products."""
     if x.dtype != kernel.dtype:
         raise ValueError(f"dense operands differ in dtype: {x.dtype}, {kernel.dtype}")
     if kernel.ndim != 2 or x.shape[-1] != kernel.shape[0]:
@@ -66,7 +76,25 @@ def dense(x: jax.Array, kernel: jax.Array, bias=None, out_dtype=None) -> jax.Arr
         bias = jnp.zeros((0,), accumulation_dtype(x.dtype))  # no bias: an empty placeholder
     elif bias.shape != kernel.shape[1:]:
         raise ValueError(f"dense bias {bias.shape} does not match kernel {kernel.shape}")
-    return _dense(jnp.dtype(out_dtype or x.dtype), x, kernel, bias)
+    use_kernel = _use_kernel(gemm, math.prod(x.shape[:-1]), *kernel.shape, x.dtype)
+    return _dense(jnp.dtype(out_dtype or x.dtype), use_kernel, x, kernel, bias)
+
+
+def _use_kernel(gemm: str, tokens: int, i: int, o: int, dtype) -> bool:
+    if gemm not in GEMM_IMPLEMENTATIONS:
+        raise ValueError(f"unknown GEMM implementation {gemm!r}; use one of {GEMM_IMPLEMENTATIONS}")
+    if gemm == "xla":
+        return False
+    if gemm == "auto":
+        return dtype == jnp.float32 and cpu_gemm.worth_it(tokens, o, i)
+    if dtype != jnp.float32:
+        raise ValueError(f"GEMM implementation 'cpu_kernel' takes float32, got {dtype}; use 'auto'")
+    if not cpu_gemm.available():
+        raise ValueError(
+            "GEMM implementation 'cpu_kernel' is unavailable here (see the log line above); "
+            "use 'auto' or 'xla'"
+        )
+    return True
 
 
 def _contract(subscripts: str, x: jax.Array, y: jax.Array, dtype) -> jax.Array:
@@ -74,18 +102,25 @@ def _contract(subscripts: str, x: jax.Array, y: jax.Array, dtype) -> jax.Array:
     return jnp.einsum(subscripts, x, y, preferred_element_type=acc).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dense(out_dtype, x, kernel, bias):
+def _tokens(x: jax.Array) -> jax.Array:
+    return x.reshape(-1, x.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _dense(out_dtype, use_kernel, x, kernel, bias):
     acc = accumulation_dtype(x.dtype)
-    y = _contract("...i,io->...o", x, kernel, acc)
+    if use_kernel:  # float32
+        y = cpu_gemm.matmul(_tokens(x), kernel).reshape(*x.shape[:-1], -1)
+    else:
+        y = _contract("...i,io->...o", x, kernel, acc)
     return (y + bias.astype(acc) if bias.size else y).astype(out_dtype)
 
 
-def _dense_forward(out_dtype, x, kernel, bias):
-    return _dense(out_dtype, x, kernel, bias), (x, kernel, bias)
+def _dense_forward(out_dtype, use_kernel, x, kernel, bias):
+    return _dense(out_dtype, use_kernel, x, kernel, bias), (x, kernel, bias)
 
 
-def _dense_backward(out_dtype, residuals, g):
+def _dense_backward(out_dtype, use_kernel, residuals, g):
     x, kernel, bias = residuals
     # The cotangent as [tokens, O], materialised once: XLA:CPU otherwise re-runs the layout
     # change that produces it (e.g. the QKV heads-first transpose's) inside each consumer.
@@ -94,6 +129,9 @@ def _dense_backward(out_dtype, residuals, g):
     if bias.size:
         dbias = jnp.sum(tokens_g.astype(accumulation_dtype(x.dtype)), 0).astype(bias.dtype)
     tokens_g = tokens_g.astype(x.dtype)
+    if use_kernel:
+        dx = cpu_gemm.matmul(tokens_g, kernel, transpose_b=True).reshape(x.shape)
+        return dx, cpu_gemm.matmul(_tokens(x), tokens_g, transpose_a=True), dbias
     dx = _contract("to,io->ti", tokens_g, kernel, x.dtype).reshape(x.shape)
     if x.dtype in LOW_PRECISION:
         # bf16 x bf16 -> fp32 reaches AMX on XLA:CPU only as an NN/NT product: it transposes an
@@ -102,7 +140,7 @@ def _dense_backward(out_dtype, residuals, g):
         g = tokens_g.reshape(*x.shape[:-1], -1)
         dkernel = _contract("...i,...o->io", x, g, kernel.dtype)
     else:  # one 2-D GEMM over tokens
-        dkernel = _contract("ti,to->io", x.reshape(-1, x.shape[-1]), tokens_g, kernel.dtype)
+        dkernel = _contract("ti,to->io", _tokens(x), tokens_g, kernel.dtype)
     return dx, dkernel, dbias
 
 

@@ -28,5 +28,5 @@ class Segmenter(nn.Module):
     ) -> tuple[jax.Array, dict]:
         """images [B, H, W, 3] -> logits [B, h, w, N] and aux {"score", "embed"} (SPEC 1.3)."""
         features = self.backbone(images, train=train)
-        head = CosineHead(self.num_classes, dtype=self.dtype, name="head")
+        head = CosineHead(self.num_classes, self.dtype, self.backbone.gemm, name="head")
         return head(features, cls_index, class_mask)

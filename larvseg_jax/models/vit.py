@@ -67,6 +67,7 @@ class SelfAttention(nn.Module):
     num_heads: int
     implementation: str = "auto"
     dtype: Any = jnp.float32
+    gemm: str = "auto"  # matmul.GEMM_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -85,14 +86,18 @@ class SelfAttention(nn.Module):
         # CPU, ENVIRONMENT 9); `matmul.dense`'s kernel gradient is then one 2-D GEMM too.
         kernel = jnp.stack([p[0] for p in qkv], axis=1).astype(self.dtype)  # [D, 3, H, Dh]
         bias = jnp.stack([p[1] for p in qkv], axis=0)  # [3, H, Dh]
-        qkv = matmul.dense(x.astype(self.dtype), kernel.reshape(d, 3 * d), bias.reshape(3 * d))
+        qkv = matmul.dense(
+            x.astype(self.dtype), kernel.reshape(d, 3 * d), bias.reshape(3 * d), gemm=self.gemm
+        )
         qkv = qkv.reshape(b, n, 3, self.num_heads, dh).transpose(2, 0, 3, 1, 4)  # [3, B, H, N, Dh]
         o = attention_lib.attention(
             qkv[0], qkv[1], qkv[2], implementation=self.implementation
         )  # [B, H, N, Dh]
         out_kernel, out_bias = _Projection((self.num_heads, dh, d), (d,), 2, name="out")()
         o = o.transpose(0, 2, 1, 3).reshape(b, n, d)  # token-major, heads concatenated
-        return matmul.dense(o, out_kernel.reshape(d, d).astype(self.dtype), out_bias)
+        return matmul.dense(
+            o, out_kernel.reshape(d, d).astype(self.dtype), out_bias, gemm=self.gemm
+        )
 
 
 class Dense(nn.Module):
@@ -101,6 +106,7 @@ class Dense(nn.Module):
 
     features: int
     dtype: Any = jnp.float32
+    gemm: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -108,7 +114,7 @@ class Dense(nn.Module):
             "kernel", nn.initializers.xavier_uniform(), (x.shape[-1], self.features)
         )
         bias = self.param("bias", nn.initializers.normal(1e-6), (self.features,))  # big_vision
-        return matmul.dense(x.astype(self.dtype), kernel.astype(self.dtype), bias)
+        return matmul.dense(x.astype(self.dtype), kernel.astype(self.dtype), bias, gemm=self.gemm)
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -125,13 +131,14 @@ class MlpBlock(nn.Module):
 
     mlp_dim: int
     dtype: Any = jnp.float32
+    gemm: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
-        x = Dense(self.mlp_dim, self.dtype, name="Dense_0")(x)
+        x = Dense(self.mlp_dim, self.dtype, self.gemm, name="Dense_0")(x)
         x = gelu(x)
-        return Dense(d, self.dtype, name="Dense_1")(x)
+        return Dense(d, self.dtype, self.gemm, name="Dense_1")(x)
 
 
 def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
@@ -158,6 +165,7 @@ class EncoderBlock(nn.Module):
     drop_path_rate: float = 0.0
     attention: str = "auto"
     dtype: Any = jnp.float32
+    gemm: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -171,11 +179,15 @@ class EncoderBlock(nn.Module):
 
         y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="LayerNorm_0")(x)
         y = SelfAttention(
-            self.num_heads, self.attention, self.dtype, name="MultiHeadDotProductAttention_1"
+            self.num_heads,
+            self.attention,
+            self.dtype,
+            self.gemm,
+            name="MultiHeadDotProductAttention_1",
         )(y)
         x = x + residual(y)
         y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="LayerNorm_2")(x)
-        y = MlpBlock(self.mlp_dim, self.dtype, name="MlpBlock_3")(y)
+        y = MlpBlock(self.mlp_dim, self.dtype, self.gemm, name="MlpBlock_3")(y)
         return x + residual(y)
 
 
@@ -223,6 +235,7 @@ class PatchEmbedding(nn.Module):
     width: int
     patch_size: int
     dtype: Any = jnp.float32
+    gemm: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -232,7 +245,8 @@ class PatchEmbedding(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (self.width,))
         patches = x.reshape(b, height // p, p, width // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(b, height // p, width // p, p * p * c).astype(self.dtype)
-        return matmul.dense(patches, kernel.reshape(p * p * c, self.width).astype(self.dtype), bias)
+        kernel = kernel.reshape(p * p * c, self.width).astype(self.dtype)
+        return matmul.dense(patches, kernel, bias, gemm=self.gemm)
 
 
 class Encoder(nn.Module):
@@ -247,6 +261,7 @@ class Encoder(nn.Module):
     attention: str = "auto"
     dtype: Any = jnp.float32
     remat: bool = False  # recompute each block's activations in the backward pass
+    gemm: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, grid: tuple[int, int], *, train: bool) -> jax.Array:
@@ -265,6 +280,7 @@ class Encoder(nn.Module):
                 float(rates[i]),
                 self.attention,
                 self.dtype,
+                self.gemm,
                 name=f"encoderblock_{i}",
             )(x, train)
         return nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="encoder_norm")(x)
@@ -284,6 +300,7 @@ class ViT(nn.Module):
     attention: str = "auto"  # attention.IMPLEMENTATIONS
     dtype: Any = jnp.float32  # compute dtype; params stay float32
     remat: bool = False  # rematerialise each transformer block in the backward pass
+    gemm: str = "auto"  # matmul.GEMM_IMPLEMENTATIONS: the projections' GEMMs
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -302,7 +319,7 @@ class ViT(nn.Module):
         # Zero padding on the bottom/right to a multiple of the patch (mmseg pad_to_patch_size).
         pad_h, pad_w = -height % p, -width % p
         x = jnp.pad(images.astype(self.dtype), ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-        x = PatchEmbedding(self.width, p, self.dtype, name="embedding")(x)  # [B, h, w, D]
+        x = PatchEmbedding(self.width, p, self.dtype, self.gemm, name="embedding")(x)  # [B,h,w,D]
         h, w = x.shape[1:3]
         x = x.reshape(b, h * w, self.width)
         cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
@@ -317,6 +334,7 @@ class ViT(nn.Module):
             attention=self.attention,
             dtype=self.dtype,
             remat=self.remat,
+            gemm=self.gemm,
             name="Transformer",
         )(x, (h, w), train=train)
         return x[:, 1:].reshape(b, h, w, self.width)

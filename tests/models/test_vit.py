@@ -169,7 +169,7 @@ def test_gradients_equal_autodiff_of_plain_projections_in_float64(monkeypatch):
     """The model's projections (patch embedding, QKV, out, MLP) through `matmul.dense`'s
     hand-written VJP give the gradients that autodiff of plain einsums gives."""
 
-    def plain_dense(x, kernel, bias=None, out_dtype=None):
+    def plain_dense(x, kernel, bias=None, out_dtype=None, gemm="auto"):
         y = jnp.einsum("...i,io->...o", x, kernel)
         return (y if bias is None else y + bias).astype(out_dtype or x.dtype)
 
