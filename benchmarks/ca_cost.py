@@ -62,6 +62,7 @@ def build(args, with_ca, dtype="float32"):
             drop_path_rate=0.1,
             dtype=dtype,
             attention=getattr(args, "attention", "auto"),
+            gemm=getattr(args, "gemm", "auto"),
         ),
         num_classes=args.classes,
         dtype=dtype,

@@ -163,18 +163,20 @@ def main():
     rng = np.random.default_rng(0)
 
     contenders = {}
-    # "jax" is the default step (model.attention "auto": the fused CPU kernel in float32);
-    # "jax_xla_attention" the same step with the pure-XLA attention ("custom_vjp"), which is what
-    # runs where the kernel cannot be built. With --dtype bfloat16 both sides compute in bf16
-    # (JAX: model.dtype, PyTorch: CPU autocast) and the fp32 steps run alongside, so every ratio
-    # comes from the same rounds.
-    jax_runs = [("jax", "auto", args.dtype)]
+    # "jax" is the default step (model.attention and model.gemm "auto": on this CPU the fused
+    # attention kernel, and in float32 the GEMM kernel for the large projections);
+    # "jax_xla_gemm" the same with XLA's dot for every projection (what the GEMM kernel buys);
+    # "jax_pure_xla" also with the pure-XLA attention ("custom_vjp"): what runs where no kernel
+    # can be built. With --dtype bfloat16 both sides compute in bf16 (JAX: model.dtype, PyTorch:
+    # CPU autocast) and the fp32 steps run alongside, so every ratio comes from the same rounds.
+    jax_runs = [("jax", "auto", "auto", args.dtype)]
     if args.dtype == "float32":
-        jax_runs.append(("jax_xla_attention", "custom_vjp", "float32"))
+        jax_runs.append(("jax_xla_gemm", "auto", "xla", "float32"))
+        jax_runs.append(("jax_pure_xla", "custom_vjp", "xla", "float32"))
     else:
-        jax_runs.append(("jax_fp32", "auto", "float32"))
-    for name, attention, dtype in jax_runs:
-        args.attention = attention
+        jax_runs.append(("jax_fp32", "auto", "auto", "float32"))
+    for name, attention, gemm, dtype in jax_runs:
+        args.attention, args.gemm = attention, gemm
         fn, state, plan, mesh, _ = ca_cost.build(args, with_ca=True, dtype=dtype)
         host = ca_cost.batch_for(args, plan, rng)
         batch = sharding.host_batch_to_global(host, mesh)
@@ -251,7 +253,7 @@ def main():
             if key in c:
                 row[key] = c[key]
         rows.append(row)
-    for name, _, _ in jax_runs:
+    for name, *_ in jax_runs:
         for ref, _ in torch_runs:
             pairs = zip(contenders[name]["times"], contenders[ref]["times"])
             ratio = float(np.median([a / b for a, b in pairs]))

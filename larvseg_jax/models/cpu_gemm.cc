@@ -54,7 +54,7 @@ inline vec splat(float x) { return x - vec{}; }
 inline __mmask16 lanes(int n) { return static_cast<__mmask16>((1u << n) - 1); }
 
 // C[rows, cols] (+)= Ap[depth][kRows] Bp[depth][kCols]; rows <= kRows, cols <= kCols.
-inline void micro(int64_t depth, const float* __restrict ap, const float* __restrict bp, float* c,
+__attribute__((always_inline)) inline void micro(int64_t depth, const float* __restrict ap, const float* __restrict bp, float* c,
                   int64_t ldc, bool accumulate, int rows, int cols) {
   for (int i = 0; i < kRows; ++i) {
     __builtin_prefetch(c + i * ldc, 1);
@@ -125,14 +125,20 @@ inline void transpose16(__m512 r[16]) {
 // only the first `keep` lanes of each dst row are written.
 void transpose_block(const float* src, int64_t lds, int ni, int64_t nk, float* dst, int64_t ldd,
                      int keep) {
-  for (int64_t k = 0; k < nk; k += kLanes) {
-    const int width = static_cast<int>(std::min<int64_t>(kLanes, nk - k));
-    __m512 r[16];
+  __m512 r[16];
+  int64_t k = 0;
+  for (; k + kLanes <= nk; k += kLanes) {
     for (int i = 0; i < 16; ++i)
-      r[i] = i < ni ? _mm512_maskz_loadu_ps(lanes(width), src + i * lds + k) : _mm512_setzero_ps();
+      r[i] = i < ni ? _mm512_loadu_ps(src + i * lds + k) : _mm512_setzero_ps();
     transpose16(r);
-    for (int j = 0; j < width; ++j) _mm512_mask_storeu_ps(dst + (k + j) * ldd, lanes(keep), r[j]);
+    for (int j = 0; j < kLanes; ++j) _mm512_mask_storeu_ps(dst + (k + j) * ldd, lanes(keep), r[j]);
   }
+  if (k == nk) return;
+  const int width = static_cast<int>(nk - k);
+  for (int i = 0; i < 16; ++i)
+    r[i] = i < ni ? _mm512_maskz_loadu_ps(lanes(width), src + i * lds + k) : _mm512_setzero_ps();
+  transpose16(r);
+  for (int j = 0; j < width; ++j) _mm512_mask_storeu_ps(dst + (k + j) * ldd, lanes(keep), r[j]);
 }
 
 // Rows [i0, i0 + rows) x depth [p0, p0 + depth) of op(A) as micro-panels; A is [M, K] row-major
@@ -160,18 +166,19 @@ void pack_b(const float* b, bool transposed, int64_t ldb, int64_t p0, int64_t de
   for (int64_t s = 0; s < cols; s += kCols) {
     const int n = static_cast<int>(std::min<int64_t>(kCols, cols - s));
     float* o = out + s * depth;
-    for (int v = 0; v < kVecs; ++v) {
-      const int width = std::max(0, std::min(kLanes, n - v * kLanes));
-      if (transposed) {
-        transpose_block(b + (j0 + s + v * kLanes) * ldb + p0, ldb, width, depth, o + v * kLanes,
+    if (transposed) {
+      for (int v = 0; v < kVecs; ++v)
+        transpose_block(b + (j0 + s + v * kLanes) * ldb + p0, ldb,
+                        std::max(0, std::min(kLanes, n - v * kLanes)), depth, o + v * kLanes,
                         kCols, kLanes);
-      } else {
-        const float* src = b + p0 * ldb + j0 + s + v * kLanes;
-        for (int64_t k = 0; k < depth; ++k)
-          _mm512_storeu_ps(o + k * kCols + v * kLanes,
-                           _mm512_maskz_loadu_ps(lanes(width), src + k * ldb));
-      }
+      continue;
     }
+    const float* src = b + p0 * ldb + j0 + s;
+    for (int64_t k = 0; k < depth; ++k)
+      for (int v = 0; v < kVecs; ++v)
+        _mm512_storeu_ps(o + k * kCols + v * kLanes,
+                         _mm512_maskz_loadu_ps(lanes(std::max(0, std::min(kLanes, n - v * kLanes))),
+                                               src + k * ldb + v * kLanes));
   }
 }
 
