@@ -7,7 +7,8 @@ README's "Speed against PyTorch").
    (this project's custom-VJP blockwise form, JAX autodiff, PyTorch's fused
    scaled_dot_product_attention), LayerNorm, the MLP and the QKV projection; and the GEMM
    libraries alone: a block's 12 products (forward, input and weight gradient of its four
-   projections) as plain matmuls, XLA's against PyTorch's (MKL), paired rounds.
+   projections) as plain matmuls, XLA's and this project's kernel (models/cpu_gemm.cc) against
+   PyTorch's (MKL), paired rounds.
 3. With --trace: one JAX backbone step under jax.profiler, its XLA ops summed by kind: the large
    dense matmuls and the attention's small matmuls with their achieved GFLOP/s, and the rest.
 
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 import torch_reference
 
 from larvseg_jax import host_malloc
-from larvseg_jax.models import attention, vit
+from larvseg_jax.models import attention, cpu_gemm, vit
 
 B, CROP, D, HEADS, MLP = 2, 512, 768, 12, 3072
 N = (CROP // 16) ** 2 + 1
@@ -138,8 +139,8 @@ def parts(reps: int) -> dict:
 def block_gemms(rounds: int) -> dict:
     """One block's 12 projection GEMMs as plain matmuls (x @ w, g @ w.T, x.T @ g for QKV, out,
     MLP in and out, 2050 tokens), one after another in both frameworks (one jit per product, so
-    XLA does not run them two at a time), JAX and PyTorch alternating: what the GEMM library
-    alone accounts for in the backbone ratio."""
+    XLA does not run them two at a time), XLA's dot, this project's GEMM kernel (where it builds)
+    and PyTorch alternating: what the GEMM library alone accounts for in the backbone ratio."""
     rng = np.random.default_rng(0)
     m = B * N
     shapes = ((D, 3 * D), (D, D), (D, MLP), (MLP, D))
@@ -148,10 +149,16 @@ def block_gemms(rounds: int) -> dict:
     ]
     forms = (lambda x, w, g, t: x @ w, lambda x, w, g, t: g @ t(w), lambda x, w, g, t: t(x) @ g)
     jitted = [jax.jit(lambda x, w, g, f=f: f(x, w, g, jnp.transpose)) for f in forms]
+    kernel_forms = (  # the same products through the CPU GEMM kernel (model.gemm "cpu_kernel")
+        lambda x, w, g: cpu_gemm.matmul(x, w),
+        lambda x, w, g: cpu_gemm.matmul(g, w, transpose_b=True),
+        lambda x, w, g: cpu_gemm.matmul(x, g, transpose_a=True),
+    )
+    kernel_jitted = [jax.jit(f) for f in kernel_forms]
 
-    def run_jax():
+    def run_jax(fns):
         for x, w, g in jax_ops:
-            for f in jitted:
+            for f in fns:
                 f(x, w, g).block_until_ready()
 
     def run_torch():
@@ -161,9 +168,12 @@ def block_gemms(rounds: int) -> dict:
 
     jax_ops = jax.tree.map(jnp.asarray, operands)
     torch_ops = jax.tree.map(torch.from_numpy, operands)
-    times = {"jax": [], "torch": []}
+    runs = {"jax": lambda: run_jax(jitted), "torch": run_torch}
+    if cpu_gemm.available():
+        runs["jax_kernel"] = lambda: run_jax(kernel_jitted)
+    times = {name: [] for name in runs}
     for i in range(rounds + 1):  # the first round compiles / warms up
-        for name, fn in (("jax", run_jax), ("torch", run_torch)):
+        for name, fn in runs.items():
             t0 = time.perf_counter()
             fn()
             if i:
@@ -173,7 +183,11 @@ def block_gemms(rounds: int) -> dict:
         "gflop": round(gflop, 1),
         **{f"{k}_s": round(float(np.median(v)), 4) for k, v in times.items()},
         **{f"{k}_gflop_per_s": round(gflop / float(np.median(v))) for k, v in times.items()},
-        "jax_over_torch": round(float(np.median(np.array(times["jax"]) / times["torch"])), 3),
+        **{
+            f"{k}_over_torch": round(float(np.median(np.array(v) / times["torch"])), 3)
+            for k, v in times.items()
+            if k != "torch"
+        },
     }
 
 
@@ -272,6 +286,7 @@ def main():
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "host_malloc": "keep_freed_memory" if kept else "default",
         "depth": args.depth,
+        "gemm_kernel": cpu_gemm.available(),  # the backbone's projections use it (model.gemm auto)
         "batch": B,
         "crop": CROP,
         "backbone_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
