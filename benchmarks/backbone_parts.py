@@ -209,9 +209,27 @@ def _dot_flops(body: str) -> int:
     return total
 
 
+def _kernel_calls(hlo: str) -> dict[str, tuple[str, int]]:
+    """{custom call name: (kind, FLOPs)} of the C++ kernels' calls: "gemm_kernel" with 2 M N K
+    (out [M, N], K = the first operand's size / M), "attention_kernel" (FLOPs not counted)."""
+    out = {}
+    pattern = (
+        r"%(\S+) = (\S+) custom-call\(.*?\), custom_call_target=\"(larvseg_\w+)\", "
+        r"operand_layout_constraints=\{f32\[([\d,]+)\]"
+    )
+    for name, result, target, first in re.findall(pattern, hlo):
+        if target != "larvseg_gemm":
+            out[name] = ("attention_kernel", 0)
+            continue
+        n = int(re.match(r"f32\[\d+,(\d+)\]", result).group(1))
+        out[name] = ("gemm_kernel", 2 * n * int(np.prod([int(d) for d in first.split(",")])))
+    return out
+
+
 def trace_breakdown(grad, args) -> dict:
     """Sums one traced step's XLA ops: dense matmuls (>= 1 GFLOP each), attention matmuls
-    (smaller), everything else; with the wall time of the step."""
+    (smaller), the C++ kernels' calls (GEMM, attention), everything else; with the wall time of
+    the step."""
     hlo = grad.lower(*args).compile().as_text()
     calls = dict(re.findall(r"%(\S+) = [^\n]*?calls=%(fused_computation[.\d]*)", hlo))
     bodies = {
@@ -220,6 +238,7 @@ def trace_breakdown(grad, args) -> dict:
             r"^%(fused_computation[.\d]*) .*? \{\n(.*?)^\}", hlo, re.MULTILINE | re.DOTALL
         )
     }
+    kernels = _kernel_calls(hlo)
     jax.block_until_ready(grad(*args))
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder, create_perfetto_trace=True):
@@ -237,6 +256,8 @@ def trace_breakdown(grad, args) -> dict:
         kind = "other"
         if flops:
             kind = "dense_matmul" if flops >= 1e9 else "attention_matmul"
+        elif e["name"] in kernels:
+            kind, flops = kernels[e["name"]]
         kinds[kind]["ms"] += e["dur"] / 1e3
         kinds[kind]["gflop"] += flops / 1e9
         kinds[kind]["ops"] += 1
