@@ -23,6 +23,7 @@ from absl import logging
 from larvseg_jax import user_cache
 
 _FLAGS = ("-std=c++17", "-shared", "-fPIC", "-w")  # with -O3 and -march, see `flags`
+HEADERS = ("cpu_kernels.h",)  # what the sources share, copied beside the one compiled
 
 
 def flags() -> tuple[str, ...]:
@@ -49,15 +50,17 @@ def cpu_identity() -> str:
         return platform.processor() or platform.machine()
 
 
-def _compile(compiler: str, flag_list: tuple[str, ...], name: str, source: bytes, out: str) -> None:
-    """Compiles into a temporary file beside `out` and renames it into place, so concurrent
-    processes (multi-process runs, parallel tests) never load a half-written library."""
+def _compile(compiler: str, flag_list: tuple[str, ...], files: dict[str, bytes], out: str) -> None:
+    """Compiles the first of `files` (name -> text; the others are its headers) into a temporary
+    file beside `out` and renames it into place, so concurrent processes (multi-process runs,
+    parallel tests) never load a half-written library."""
     folder = os.path.dirname(out)
     os.makedirs(folder, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".build_") as tmp:
-        src = os.path.join(tmp, name)
-        with open(src, "wb") as f:
-            f.write(source)
+        for file_name, text in files.items():
+            with open(os.path.join(tmp, file_name), "wb") as f:
+                f.write(text)
+        src = os.path.join(tmp, next(iter(files)))
         lib = os.path.join(tmp, "lib.so")
         cmd = [compiler, *flag_list, "-I", jax.ffi.include_dir(), src, "-o", lib]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
@@ -77,18 +80,19 @@ def build(name: str) -> str:
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         raise RuntimeError(f"no C++ compiler {os.environ.get('CXX', 'g++')!r} on PATH (set $CXX)")
-    source = resources.files("larvseg_jax.models").joinpath(name).read_bytes()
+    package = resources.files("larvseg_jax.models")
+    files = {n: package.joinpath(n).read_bytes() for n in (name, *HEADERS)}
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=False
     ).stdout
     flag_list = flags()  # the same flags name the library and build it
     key = hashlib.sha256()
-    for part in (source, " ".join(flag_list), version, jax.__version__, cpu_identity()):
+    for part in (*files.values(), " ".join(flag_list), version, jax.__version__, cpu_identity()):
         key.update(part if isinstance(part, bytes) else part.encode())
     out = os.path.join(cache_dir(), f"{name.rsplit('.', 1)[0]}_{key.hexdigest()[:16]}.so")
     if not os.path.exists(out):
         logging.info("Compiling the CPU kernel %s into %s", name, out)
-        _compile(compiler, flag_list, name, source, out)
+        _compile(compiler, flag_list, files, out)
     return out
 
 
