@@ -15,6 +15,8 @@ XLA:CPU lays out with a transpose of the larger one first (a [3072, 2050] copy p
 B/16); and the cotangent is materialised once, where XLA had re-run the layout change that
 produces it (the QKV heads-first transpose's) inside each of its consumers. Together with
 token-major projections in the ViT: backbone forward + backward 1.24x -> 1.11-1.14x PyTorch's.
+Its three products run on XLA's dot or, `gemm="auto"` on CPU for large float32 products, on the
+C++ GEMM kernel (cpu_gemm.py): with it, and the attention kernel, the backbone takes 0.99x.
 """
 
 import functools
