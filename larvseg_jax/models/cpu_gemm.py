@@ -1,6 +1,6 @@
 """The float32 CPU GEMM (cpu_gemm.cc) as a JAX op, for `matmul.dense`'s three products.
 
-Inside one jit with the ViT-B/16 projections' shapes it takes 0.90-0.95x the time of XLA:CPU's own
+Inside one jit with the ViT-B/16 projections' shapes it takes 0.92-0.93x the time of XLA:CPU's own
 GEMM (README "Speed against PyTorch"). It needs AVX-512; it is built on first use (`cpu_kernels`),
 and where it cannot be, `available()` says why once and `dense` keeps XLA's dot.
 """

@@ -160,3 +160,19 @@ def test_every_projection_of_the_model_runs_the_chosen_gemm():
         # zero in exact arithmetic (softmax ignores a shift of all scores), rounding noise here.
         atol = max(1e-4 * float(np.abs(r).max()), 1e-5)
         np.testing.assert_allclose(g, r, rtol=0, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+def test_a_cpu_without_avx512_keeps_xla_without_compiling(monkeypatch):
+    monkeypatch.delenv("LARVSEG_KERNEL_MARCH", raising=False)
+    monkeypatch.setattr(cpu_gemm.cpu_kernels, "cpu_identity", lambda: "flags\t: fpu sse avx avx2\n")
+
+    def must_not_build(*args):
+        raise AssertionError("tried to build the GEMM kernel for a CPU without AVX-512")
+
+    monkeypatch.setattr(cpu_gemm.cpu_kernels, "register", must_not_build)
+    cpu_gemm.available.cache_clear()
+    try:
+        assert not cpu_gemm.available()
+        assert not matmul._use_kernel("auto", 2**20, 2048, 2048, jnp.float32)
+    finally:
+        cpu_gemm.available.cache_clear()
