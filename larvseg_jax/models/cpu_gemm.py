@@ -66,6 +66,7 @@ def matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: b
             f"cpu_gemm.matmul shapes do not chain: {a.shape} (transposed: {transpose_a}) and "
             f"{b.shape} (transposed: {transpose_b})"
         )
-    out = jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.float32)
+    a, b = cpu_kernels.same_varying(a, b)
+    out = cpu_kernels.result((*a.shape[:-2], m, n), jnp.float32, a)
     call = jax.ffi.ffi_call(_TARGET, out, vmap_method="broadcast_all")
     return call(a, b, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b))

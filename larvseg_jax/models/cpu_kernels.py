@@ -96,6 +96,32 @@ def build(name: str) -> str:
     return out
 
 
+def same_varying(*arrays: jax.Array) -> list[jax.Array]:
+    """The arrays cast to the union of their varying manual axes. Inside a `shard_map` that checks
+    them (check_vma), an FFI call needs its operands to agree (jnp's ops arrange that for
+    themselves), and a custom VJP must return cotangents of its inputs' types; casting before
+    the custom VJP lets autodiff sum the cotangents of replicated operands (e.g. weights) over
+    the devices. A no-op elsewhere."""
+    types = [jax.typeof(a) for a in arrays]
+    varying = frozenset().union(*(t.mat.varying for t in types))
+    return [
+        a
+        if t.mat.varying == varying
+        else jax.lax.pcast(a, tuple(varying - t.mat.varying), to="varying")
+        for a, t in zip(arrays, types, strict=True)
+    ]
+
+
+def result(shape: tuple[int, ...], dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
+    """An FFI call's result type: `shape`, `dtype`, and the varying manual axes of its operand
+    `like` (outside a shard_map, none)."""
+    t = jax.typeof(like)
+    if not t.mat.varying:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    sharding = jax.sharding.NamedSharding(t.sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding, manual_axis_type=t.mat)
+
+
 def register(name: str, targets: dict[str, str]) -> None:
     """Builds and loads the source `name` and registers each FFI target (target name -> the
     library's handler symbol) for the CPU platform.

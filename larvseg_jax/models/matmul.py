@@ -25,7 +25,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from larvseg_jax.models import cpu_gemm
+from larvseg_jax.models import cpu_gemm, cpu_kernels
 
 LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # `dense`'s GEMMs: "auto" = "cpu_kernel" for float32 products of at least cpu_gemm.MIN_FLOPS on the
@@ -60,7 +60,7 @@ def einsum(subscripts: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.A
     if a.dtype not in LOW_PRECISION:
         return jnp.einsum(subscripts, a, b).astype(out_dtype)
     _split(subscripts)  # fails here, not in the backward pass
-    return _accumulating_einsum(subscripts, out_dtype, a, b)
+    return _accumulating_einsum(subscripts, out_dtype, *cpu_kernels.same_varying(a, b))
 
 
 def dense(
@@ -79,6 +79,7 @@ def dense(
     elif bias.shape != kernel.shape[1:]:
         raise ValueError(f"dense bias {bias.shape} does not match kernel {kernel.shape}")
     use_kernel = _use_kernel(gemm, math.prod(x.shape[:-1]), *kernel.shape, x.dtype)
+    x, kernel, bias = cpu_kernels.same_varying(x, kernel, bias)  # for the custom VJP
     return _dense(jnp.dtype(out_dtype or x.dtype), use_kernel, x, kernel, bias)
 
 
@@ -159,7 +160,7 @@ def add_broadcast(x: jax.Array, row: jax.Array) -> jax.Array:
             f"add_broadcast needs x [B, ...] and row [1, ...]; got {x.shape} "
             f"{x.dtype}, {row.shape} {row.dtype}"
         )
-    return _add_broadcast(x, row)
+    return _add_broadcast(*cpu_kernels.same_varying(x, row))  # see cpu_kernels.same_varying
 
 
 @jax.custom_vjp

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from larvseg_jax.models import cpu_gemm, matmul, segmenter, vit
+from larvseg_jax.models import attention, cpu_gemm, matmul, segmenter, vit
 from tests.models.golden_vit import TINY
 
 needs_gemm = pytest.mark.skipif(
@@ -176,3 +176,39 @@ def test_a_cpu_without_avx512_keeps_xla_without_compiling(monkeypatch):
         assert not matmul._use_kernel("auto", 2**20, 2048, 2048, jnp.float32)
     finally:
         cpu_gemm.available.cache_clear()
+
+
+@needs_gemm
+def test_kernels_inside_a_shard_map_that_checks_varying_axes():
+    """Batch-sharded activations and replicated weights under jax.shard_map's default check_vma:
+    the kernels' calls and the custom VJPs (dense, attention, the position-embedding add) take
+    and return the right varying types, and the results equal XLA's."""
+    mesh = jax.make_mesh((2,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,))
+    rng = np.random.default_rng(0)
+    spec = jax.sharding.PartitionSpec
+    x = jax.device_put(
+        jnp.asarray(rng.standard_normal((2, 48, 32)), jnp.float32),
+        jax.sharding.NamedSharding(mesh, spec("d")),
+    )
+    kernel, row = (
+        jax.device_put(jnp.asarray(rng.standard_normal(s), jnp.float32))
+        for s in ((32, 96), (1, 48, 32))
+    )
+
+    def loss(x, kernel, row, impl):
+        y = matmul.dense(matmul.add_broadcast(x, row), kernel, gemm=impl)
+        q = y.reshape(1, 48, 2, 48).transpose(0, 2, 1, 3)[..., :32]
+        return jnp.sum(jnp.sin(attention.attention(q, q, q, implementation=impl)))
+
+    def step(impl):
+        def per_device(x, kernel, row):
+            value, (dx, dk, dr) = jax.value_and_grad(loss, (0, 1, 2))(x, kernel, row, impl)
+            return jax.lax.psum(value, "d"), dx, jax.lax.psum(dk, "d"), jax.lax.psum(dr, "d")
+
+        out = (spec(), spec("d"), spec(), spec())
+        return jax.jit(jax.shard_map(per_device, mesh=mesh, out_specs=out))
+
+    assert step("cpu_kernel").lower(x, kernel, row).as_text().count("larvseg_") == 5
+    got, want = step("cpu_kernel")(x, kernel, row), step("xla")(x, kernel, row)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(np.abs(w).max()))
