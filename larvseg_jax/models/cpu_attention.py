@@ -2,9 +2,9 @@
 
 XLA:CPU runs the attention core as separate small dots, exp and reductions; the fused kernel keeps
 each query block in cache from scores to outputs and runs forward + backward of a B/16 block in
-about half the time of the blockwise XLA form (README "Speed against PyTorch"). It is built on first use
-(`cpu_kernels`); where it cannot be, `available()` says why once and the caller keeps the XLA
-implementation.
+about half the time of the blockwise XLA form (README "Speed against PyTorch"). It is built on
+first use (`cpu_kernels`); where it cannot be, `available()` says why once and the caller keeps
+the XLA implementation.
 """
 
 import functools

@@ -164,20 +164,20 @@ void pack_b(const float* b, bool transposed, int64_t ldb, int64_t p0, int64_t de
             int64_t cols, float* out) {
   for (int64_t s = 0; s < cols; s += kCols) {
     const int n = static_cast<int>(std::min<int64_t>(kCols, cols - s));
+    int width[kVecs];  // columns of each vector of the micro-panel that exist
+    for (int v = 0; v < kVecs; ++v) width[v] = std::max(0, std::min(kLanes, n - v * kLanes));
     float* o = out + s * depth;
     if (transposed) {
       for (int v = 0; v < kVecs; ++v)
-        transpose_block(b + (j0 + s + v * kLanes) * ldb + p0, ldb,
-                        std::max(0, std::min(kLanes, n - v * kLanes)), depth, o + v * kLanes,
-                        kCols, kLanes);
+        transpose_block(b + (j0 + s + v * kLanes) * ldb + p0, ldb, width[v], depth,
+                        o + v * kLanes, kCols, kLanes);
       continue;
     }
     const float* src = b + p0 * ldb + j0 + s;
     for (int64_t k = 0; k < depth; ++k)
       for (int v = 0; v < kVecs; ++v)
         _mm512_storeu_ps(o + k * kCols + v * kLanes,
-                         _mm512_maskz_loadu_ps(lanes(std::max(0, std::min(kLanes, n - v * kLanes))),
-                                               src + k * ldb + v * kLanes));
+                         _mm512_maskz_loadu_ps(lanes(width[v]), src + k * ldb + v * kLanes));
   }
 }
 
@@ -218,20 +218,19 @@ void gemm(ffi::ThreadPool& pool, const Gemm& g) {
     std::fill(g.c, g.c + g.m * g.n, 0.f);
     return;
   }
+  // Split rows where op(B) [K, N] is the smaller operand (every task packs all of it), else
+  // columns (every task packs all of op(A)); in whole micro-tiles.
+  const bool by_rows = g.n <= g.m;
+  const int64_t extent = by_rows ? g.m : g.n, unit = by_rows ? kRows : kCols;
   const int64_t tasks = std::max<int64_t>(1, pool.num_threads());
-  if (g.k * g.n <= g.m * g.k) {  // split rows: every task packs all of op(B), the smaller
-    int64_t per = (g.m + tasks - 1) / tasks;
-    per = (per + kRows - 1) / kRows * kRows;
-    parallel_for(pool, (g.m + per - 1) / per, [&](int64_t t) {
-      gemm_block(g, t * per, std::min(g.m, (t + 1) * per), 0, g.n);
-    });
-  } else {  // split columns: every task packs all of op(A)
-    int64_t per = (g.n + tasks - 1) / tasks;
-    per = (per + kCols - 1) / kCols * kCols;
-    parallel_for(pool, (g.n + per - 1) / per, [&](int64_t t) {
-      gemm_block(g, 0, g.m, t * per, std::min(g.n, (t + 1) * per));
-    });
-  }
+  const int64_t per = ((extent + tasks - 1) / tasks + unit - 1) / unit * unit;
+  parallel_for(pool, (extent + per - 1) / per, [&](int64_t t) {
+    const int64_t lo = t * per, hi = std::min(extent, lo + per);
+    if (by_rows)
+      gemm_block(g, lo, hi, 0, g.n);
+    else
+      gemm_block(g, 0, g.m, lo, hi);
+  });
 }
 
 // a [..., M, K] (or [..., K, M] if transpose_a), b [..., K, N] (or [..., N, K]), c [..., M, N],

@@ -20,8 +20,7 @@ MIN_FLOPS = 2**30  # "auto" uses the kernel from this size of product (2 M N K) 
 
 
 def _cpu_has_avx512() -> bool:
-    march = cpu_kernels.flags()[1]
-    if march != "-march=native":  # a chosen target: let the compiler say whether it has AVX-512
+    if cpu_kernels.march() != "native":  # a chosen target: the compiler says if it has AVX-512
         return True
     return " avx512f" in cpu_kernels.cpu_identity()
 

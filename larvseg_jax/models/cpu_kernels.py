@@ -26,12 +26,17 @@ _FLAGS = ("-std=c++17", "-shared", "-fPIC", "-w")  # with -O3 and -march, see `f
 HEADERS = ("cpu_kernels.h",)  # what the sources share, copied beside the one compiled
 
 
+def march() -> str:
+    """The target CPU: `$LARVSEG_KERNEL_MARCH`, default "native" (this machine's)."""
+    return os.environ.get("LARVSEG_KERNEL_MARCH") or "native"
+
+
 def flags() -> tuple[str, ...]:
     """Compiler flags; the target CPU is `-march=$LARVSEG_KERNEL_MARCH` (default native, this
     machine's). A shared cache on machines of several CPU kinds can build for their common one
     (e.g. x86-64-v3 = AVX2: the attention kernel then uses 8-float vectors instead of AVX-512's
     16, and the GEMM, which needs AVX-512, is not built)."""
-    return ("-O3", f"-march={os.environ.get('LARVSEG_KERNEL_MARCH') or 'native'}", *_FLAGS)
+    return ("-O3", f"-march={march()}", *_FLAGS)
 
 
 def cache_dir() -> str:
